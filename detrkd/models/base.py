@@ -1,0 +1,252 @@
+"""The normalised view of a DETR-family detector that every distillation method consumes.
+
+Notation: B images, Q detection queries, M extra queries ("points"), L decoder layers, K class
+logits per query (C for sigmoid heads, C + 1 for softmax heads whose last logit is "no object"),
+N encoder tokens over S feature levels, D hidden size. Boxes are normalised cxcywh relative to the
+un-padded image, as in the HF models and their losses.
+
+An adapter wraps one HF ``...ForObjectDetection`` model. It never edits the model: it reads
+internals with forward hooks that are removed when the call returns (``captured_call``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterator, Literal
+
+import torch
+from torch import Tensor, nn
+
+ClassHead = Literal["softmax", "sigmoid"]
+
+
+@dataclass
+class Predictions:
+    """Per-decoder-layer predictions; index -1 is the final layer.
+
+    logits: [L, B, Q, K] raw class logits (softmax head: K = C + 1, last = no-object; sigmoid: K = C)
+    boxes:  [L, B, Q, 4] normalised cxcywh in [0, 1]
+    """
+
+    logits: Tensor
+    boxes: Tensor
+
+    @property
+    def num_layers(self) -> int:
+        return self.logits.shape[0]
+
+    def layer(self, index: int) -> tuple[Tensor, Tensor]:
+        """(logits [B, Q, K], boxes [B, Q, 4]) of one decoder layer."""
+        return self.logits[index], self.boxes[index]
+
+    def select(self, queries: slice | Tensor) -> "Predictions":
+        """A subset of queries, on dim 2."""
+        return Predictions(self.logits[:, :, queries], self.boxes[:, :, queries])
+
+
+@dataclass
+class EncoderMemory:
+    """The encoder output the decoder cross-attends to, flattened over levels.
+
+    tokens:         [B, N, D]
+    spatial_shapes: [S, 2] long, (H, W) of each level; N = sum(H * W)
+    level_start:    [S] long, index of each level's first token
+    padding_mask:   [B, N] bool, True where the token lies in image padding
+    """
+
+    tokens: Tensor
+    spatial_shapes: Tensor
+    level_start: Tensor
+    padding_mask: Tensor
+
+
+@dataclass
+class Queries:
+    """The detection queries the decoder was run on (after any top-k / two-stage selection).
+
+    content:         [B, Q, D] or None (families whose decoder starts from zeros / learned targets)
+    position:        [B, Q, D] or None (learned positional query embeddings, DETR/Conditional)
+    reference_boxes: [B, Q, 4] normalised cxcywh or None; for 2-d reference points w = h = 0
+    """
+
+    content: Tensor | None = None
+    position: Tensor | None = None
+    reference_boxes: Tensor | None = None
+
+
+@dataclass
+class DetectorOutput:
+    """One forward pass of a detector, in the normalised view.
+
+    predictions:     detection queries only, all layers
+    denoising:       predictions of denoising / extra training queries (RT-DETR, D-FINE), else None
+    cross_attention: [B, Q, N] first decoder layer's cross-attention of every detection query over
+                     the memory tokens, averaged over heads, rows sum to 1 (only if requested)
+    loss, loss_dict: the detector's own loss (only when labels were passed)
+    decoder_inputs:  what the decoder was called with; ``decode`` reuses it (treat as opaque)
+    """
+
+    predictions: Predictions
+    class_head: ClassHead
+    memory: EncoderMemory
+    queries: Queries
+    denoising: Predictions | None = None
+    cross_attention: Tensor | None = None
+    loss: Tensor | None = None
+    loss_dict: dict[str, Tensor] | None = None
+    decoder_inputs: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
+class PresetSize:
+    """A named size: HF-ResNet backbone widths/depths and transformer sizes."""
+
+    backbone_widths: tuple[int, ...]
+    backbone_depths: tuple[int, ...]
+    d_model: int
+    encoder_layers: int
+    decoder_layers: int
+    heads: int
+    ffn: int
+    queries: int
+    layer_type: str = "basic"
+
+
+PRESETS: dict[str, PresetSize] = {
+    # seconds per step on 2 CPU cores; for unit tests and smoke runs
+    "tiny": PresetSize((16, 32, 64, 128), (1, 1, 1, 1), d_model=64, encoder_layers=1,
+                       decoder_layers=2, heads=4, ffn=128, queries=30),
+    # a student: narrow ResNet-10-like backbone, d=128, 3 decoder layers
+    "small": PresetSize((32, 64, 128, 256), (1, 1, 1, 1), d_model=128, encoder_layers=1,
+                        decoder_layers=3, heads=4, ffn=512, queries=100),
+    # a teacher: ResNet-18-like backbone, d=256, 6 decoder layers
+    "base": PresetSize((64, 128, 256, 512), (2, 2, 2, 2), d_model=256, encoder_layers=3,
+                       decoder_layers=6, heads=8, ffn=1024, queries=300),
+}
+
+
+def hf_resnet_config(size: PresetSize, out_indices: tuple[int, ...] = (2, 3, 4)) -> Any:
+    """An offline, randomly initialised HF ResNet backbone config (no timm, no download)."""
+    from transformers import ResNetConfig
+
+    return ResNetConfig(
+        embedding_size=size.backbone_widths[0],
+        hidden_sizes=list(size.backbone_widths),
+        depths=list(size.backbone_depths),
+        layer_type=size.layer_type,
+        out_features=[f"stage{i}" for i in out_indices],
+    )
+
+
+class DetrAdapter(nn.Module):
+    """Base class: wraps an HF DETR-family model and exposes the normalised view.
+
+    Subclasses (one per family, see ``detrkd/models/families/``) set the class attributes and
+    implement ``make_config``, ``_memory``, ``_queries``, ``_predict`` and ``_decoder_kwargs``.
+    """
+
+    family: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]  # HF config.model_type values this adapter accepts
+    class_head: ClassVar[ClassHead]
+    attention_kind: ClassVar[Literal["dense", "deformable"]]
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        model_type = getattr(model.config, "model_type", None)
+        if model_type not in self.model_types:
+            raise ValueError(
+                f"{type(self).__name__} expects a model of type {self.model_types}, "
+                f"got {model_type!r} ({type(model).__name__})"
+            )
+        self.model = model
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def make_config(cls, size: PresetSize, num_classes: int, **overrides: Any) -> Any:
+        """HF config for a named preset size; ``overrides`` are HF config keys."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, config: Any) -> "DetrAdapter":
+        raise NotImplementedError
+
+    # ---- facts ---------------------------------------------------------------------------
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.model.config.num_labels)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.d_model)
+
+    @property
+    def num_queries(self) -> int:
+        return int(self.model.config.num_queries)
+
+    @property
+    def num_decoder_layers(self) -> int:
+        return int(self.model.config.decoder_layers)
+
+    def backbone_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the CNN backbone (for a separate learning rate)."""
+        return self.model.model.backbone.parameters()
+
+    # ---- the view ------------------------------------------------------------------------
+    def forward(
+        self,
+        pixel_values: Tensor,
+        pixel_mask: Tensor | None = None,
+        labels: list[dict[str, Tensor]] | None = None,
+        with_attention: bool = False,
+    ) -> DetectorOutput:
+        """Run the detector.
+
+        pixel_values: [B, 3, H, W]; pixel_mask: [B, H, W] (1 = real pixel, 0 = padding);
+        labels: per image dict(class_labels [n] long, boxes [n, 4] normalised cxcywh) -> loss.
+        with_attention: also compute ``cross_attention`` [B, Q, N].
+        """
+        raise NotImplementedError
+
+    def decode(
+        self,
+        out: DetectorOutput,
+        boxes: Tensor,
+        content: Tensor | None = None,
+        self_attn_mask: Tensor | None = None,
+    ) -> Predictions:
+        """Run the decoder again on ``out``'s encoder memory for extra queries, with gradients.
+
+        boxes:   [B, M, 4] normalised cxcywh reference boxes of the extra queries
+        content: [B, M, D] content embeddings; None -> the family's documented default
+        self_attn_mask: [M, M] bool, True = may NOT attend (keeps groups of points apart)
+        returns  Predictions with logits [L, B, M, K], boxes [L, B, M, 4]
+        """
+        raise NotImplementedError
+
+
+@contextlib.contextmanager
+def forward_hooks(hooks: list[tuple[nn.Module, str, Callable[..., Any]]]) -> Iterator[None]:
+    """Register hooks for the duration of a ``with`` block and always remove them.
+
+    hooks: (module, kind, fn) with kind "pre" (forward pre-hook with kwargs) or "post"
+    (forward hook with kwargs); fn follows torch's ``with_kwargs=True`` signatures.
+    """
+    handles = []
+    try:
+        for module, kind, fn in hooks:
+            register = module.register_forward_pre_hook if kind == "pre" else module.register_forward_hook
+            handles.append(register(fn, with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def count_hooks(module: nn.Module) -> int:
+    """Total forward (pre-)hooks on a module tree; used by tests to prove hooks are removed."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
