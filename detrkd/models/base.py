@@ -150,6 +150,9 @@ class DetrAdapter(nn.Module):
     model_types: ClassVar[tuple[str, ...]]  # HF config.model_type values this adapter accepts
     class_head: ClassVar[ClassHead]
     attention_kind: ClassVar[Literal["dense", "deformable"]]
+    # False for families whose HF model ignores ``pixel_mask`` (RT-DETR, D-FINE): feed them
+    # unpadded, equally sized images (``make_transforms(square=True)``)
+    uses_pixel_mask: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -197,6 +200,11 @@ class DetrAdapter(nn.Module):
         return self.model.model.backbone.parameters()
 
     # ---- the view ------------------------------------------------------------------------
+    @property
+    def decoder(self) -> nn.Module:
+        """The HF decoder module whose calls are recorded and replayed."""
+        return self.model.model.decoder
+
     def forward(
         self,
         pixel_values: Tensor,
@@ -204,29 +212,98 @@ class DetrAdapter(nn.Module):
         labels: list[dict[str, Tensor]] | None = None,
         with_attention: bool = False,
     ) -> DetectorOutput:
-        """Run the detector.
+        """Run the detector once, reading its internals through hooks removed afterwards.
 
         pixel_values: [B, 3, H, W]; pixel_mask: [B, H, W] (1 = real pixel, 0 = padding);
         labels: per image dict(class_labels [n] long, boxes [n, 4] normalised cxcywh) -> loss.
         with_attention: also compute ``cross_attention`` [B, Q, N].
         """
-        raise NotImplementedError
+        rec: dict[str, Any] = {}
+        hooks = [(self.decoder, "pre", _record_inputs(rec, "decoder")),
+                 (self.decoder, "post", _record_output(rec, "decoder"))]
+        if with_attention:
+            hooks += self._attention_hooks(rec)
+        with forward_hooks(hooks):
+            hf_out = self.model(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels)
+        predictions, denoising = self._predictions(rec, hf_out)
+        memory = self._memory(rec)
+        return DetectorOutput(
+            predictions=predictions,
+            class_head=self.class_head,
+            memory=memory,
+            queries=self._queries(rec),
+            denoising=denoising,
+            cross_attention=self._attention(rec, memory) if with_attention else None,
+            loss=getattr(hf_out, "loss", None),
+            loss_dict=getattr(hf_out, "loss_dict", None),
+            decoder_inputs=rec["decoder"],
+        )
 
     def decode(
         self,
         out: DetectorOutput,
         boxes: Tensor,
         content: Tensor | None = None,
+        position: Tensor | None = None,
         self_attn_mask: Tensor | None = None,
     ) -> Predictions:
         """Run the decoder again on ``out``'s encoder memory for extra queries, with gradients.
 
-        boxes:   [B, M, 4] normalised cxcywh reference boxes of the extra queries
-        content: [B, M, D] content embeddings; None -> the family's documented default
+        boxes:    [B, M, 4] normalised cxcywh reference boxes of the extra queries
+        content:  [B, M, D] content embeddings; None -> the family's documented default
+        position: [B, M, D] positional query embeddings; None -> derived from ``boxes``
         self_attn_mask: [M, M] bool, True = may NOT attend (keeps groups of points apart)
-        returns  Predictions with logits [L, B, M, K], boxes [L, B, M, 4]
+        returns   Predictions with logits [L, B, M, K], boxes [L, B, M, 4]
         """
         raise NotImplementedError
+
+    # ---- per-family pieces (called by forward) --------------------------------------------
+    def _predictions(self, rec: dict[str, Any], hf_out: Any) -> tuple[Predictions, Predictions | None]:
+        """(detection-query predictions, denoising predictions or None) from recorded calls."""
+        raise NotImplementedError
+
+    def _memory(self, rec: dict[str, Any]) -> EncoderMemory:
+        raise NotImplementedError
+
+    def _queries(self, rec: dict[str, Any]) -> Queries:
+        raise NotImplementedError
+
+    def _attention_hooks(self, rec: dict[str, Any]) -> list[tuple[nn.Module, str, Callable[..., Any]]]:
+        """Hooks that record what ``_attention`` needs from the first decoder layer."""
+        raise NotImplementedError
+
+    def _attention(self, rec: dict[str, Any], memory: EncoderMemory) -> Tensor:
+        """[B, Q, N] head-averaged first-layer cross-attention of the detection queries."""
+        raise NotImplementedError
+
+
+def _record_inputs(rec: dict[str, Any], name: str) -> Callable[..., None]:
+    """Pre-hook that stores a module's keyword arguments in ``rec[name]``."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if args:
+            raise RuntimeError(f"{type(module).__name__} was called with positional arguments; "
+                               "detrkd expects keyword calls (transformers 5.x)")
+        rec[name] = dict(kwargs)
+
+    return hook
+
+
+def _record_output(rec: dict[str, Any], name: str) -> Callable[..., None]:
+    """Forward hook that stores a module's output in ``rec[name + '_out']``."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        rec[name + "_out"] = output
+
+    return hook
+
+
+def additive_mask(blocked: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """[M, M] bool (True = blocked) -> [1, 1, M, M] additive float mask for HF eager/SDPA attention."""
+    if blocked is None:
+        return None
+    mask = torch.zeros(blocked.shape, dtype=dtype, device=blocked.device)
+    return mask.masked_fill(blocked, torch.finfo(dtype).min)[None, None]
 
 
 @contextlib.contextmanager

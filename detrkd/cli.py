@@ -1,0 +1,380 @@
+"""The ``detrkd`` command line (also ``python -m detrkd``).
+
+    detrkd data digits --out DIR [--train-images N --val-images N --image-size S --seed K --overwrite]
+    detrkd train [--config CFG.yaml] [--set key=value ...] [--output-dir DIR] [--resume]
+                 [--family F --preset P --data ROOT --epochs N --device D]
+    detrkd eval --checkpoint PATH [--data ROOT] [--split val] [--image-size S] [--batch-size B]
+                [--max-images N] [--device D] [--out metrics.json]
+    detrkd predict --checkpoint PATH --image IMG --out OUT.png [--threshold 0.3] [--image-size S]
+
+User errors (missing files, bad configs, bad checkpoints) print one ``detrkd: error: ...`` line and
+exit with status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from detrkd import __version__
+from detrkd.checkpoint import CheckpointError
+from detrkd.config import ConfigError
+from detrkd.engine import TrainingError
+
+USER_ERRORS = (ConfigError, CheckpointError, TrainingError, OSError, ValueError)
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+# ---- parser ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    """The ``detrkd`` argument parser with all subcommands."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks and debug logging")
+    parser = argparse.ArgumentParser(prog="detrkd", parents=[common],
+                                     description="Knowledge distillation for DETR-family detectors.")
+    parser.add_argument("--version", action="version", version=f"detrkd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_data(sub, common)
+    _add_train(sub, common)
+    _add_eval(sub, common)
+    _add_predict(sub, common)
+    # later: _add_distill(sub, common), _add_analyze(sub, common), _add_bench(sub, common)
+    return parser
+
+
+def _add_data(sub: Any, common: argparse.ArgumentParser) -> None:
+    data = sub.add_parser("data", parents=[common], help="generate datasets")
+    kinds = data.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+    digits = kinds.add_parser("digits", parents=[common],
+                              help="write the bundled digits detection dataset (COCO format)")
+    digits.add_argument("--out", required=True, type=Path, help="output directory")
+    digits.add_argument("--train-images", type=int, default=2000, help="training images (default 2000)")
+    digits.add_argument("--val-images", type=int, default=500, help="validation images (default 500)")
+    digits.add_argument("--image-size", type=int, default=256, help="square image side in px (default 256)")
+    digits.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    digits.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
+    digits.set_defaults(func=cmd_data_digits)
+
+
+def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
+    train = sub.add_parser("train", parents=[common], help="train a detector",
+                           description="Train a detector. Config precedence: --config file < "
+                                       "shortcut flags (--family ...) < --set.")
+    train.add_argument("--config", type=Path, help="YAML config (see configs/)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set optim.lr=3e-4 (repeatable)")
+    train.add_argument("--output-dir", help="run directory (config key output_dir)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in the output dir from its last.pt "
+                            "(its config.yaml is used when --config is not given)")
+    shortcuts = train.add_argument_group("shortcuts for config keys")
+    shortcuts.add_argument("--family", help="model.family, e.g. deformable_detr")
+    shortcuts.add_argument("--preset", help="model.preset: tiny, small or base")
+    shortcuts.add_argument("--data", help="data.root, a dataset in the digits layout")
+    shortcuts.add_argument("--epochs", type=int, help="optim.epochs")
+    shortcuts.add_argument("--device", help="device, e.g. cpu or cuda")
+    _add_progress_flag(train)
+    train.set_defaults(func=cmd_train)
+
+
+def _add_eval(sub: Any, common: argparse.ArgumentParser) -> None:
+    ev = sub.add_parser("eval", parents=[common], help="COCO-evaluate a detector")
+    ev.add_argument("--checkpoint", required=True, type=Path,
+                    help="a detrkd checkpoint (.pt) or a HF from_pretrained directory")
+    ev.add_argument("--data", help="dataset root (default: the checkpoint's training data)")
+    ev.add_argument("--split", default="val", choices=("train", "val"), help="split (default val)")
+    ev.add_argument("--image-size", type=int, help="shorter image side (default: checkpoint's, else 256)")
+    ev.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
+    ev.add_argument("--max-images", type=int, help="evaluate only the first N images")
+    ev.add_argument("--device", default="cpu", help="device (default cpu)")
+    ev.add_argument("--out", type=Path, help="also write the metrics as JSON to this file")
+    _add_progress_flag(ev)
+    ev.set_defaults(func=cmd_eval)
+
+
+def _add_predict(sub: Any, common: argparse.ArgumentParser) -> None:
+    pr = sub.add_parser("predict", parents=[common], help="draw a detector's boxes on an image")
+    pr.add_argument("--checkpoint", required=True, type=Path,
+                    help="a detrkd checkpoint (.pt) or a HF from_pretrained directory")
+    pr.add_argument("--image", required=True, type=Path, help="input image")
+    pr.add_argument("--out", required=True, type=Path, help="output PNG")
+    pr.add_argument("--threshold", type=float, default=0.3, help="minimum score to draw (default 0.3)")
+    pr.add_argument("--image-size", type=int, help="shorter side fed to the model (default: checkpoint's, else 256)")
+    pr.add_argument("--device", default="cpu", help="device (default cpu)")
+    pr.set_defaults(func=cmd_predict)
+
+
+def _add_progress_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="show progress bars (default: when stderr is a terminal)")
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return sys.stderr.isatty() if args.progress is None else args.progress
+
+
+# ---- entry point ----------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``detrkd`` command; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed usage + "detrkd: error: ..."
+        return int(exc.code or 0)
+    debug = getattr(args, "debug", False)
+    _setup_logging(debug)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("detrkd: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except USER_ERRORS as exc:
+        if debug:
+            raise
+        print(f"detrkd: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _setup_logging(debug: bool) -> None:
+    """``detrkd`` log messages (warnings, resume notes, eval results) go to stderr."""
+    logger = logging.getLogger("detrkd")
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the record (tests swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text
+
+
+# ---- data -----------------------------------------------------------------------------------
+def cmd_data_digits(args: argparse.Namespace) -> int:
+    """``detrkd data digits``."""
+    from detrkd.data.digits import make_digits_dataset
+
+    summary = make_digits_dataset(args.out, train_images=args.train_images, val_images=args.val_images,
+                                  image_size=args.image_size, seed=args.seed, overwrite=args.overwrite)
+    for split in ("train", "val"):
+        info = summary[split]
+        print(f"{split}: {info['images']} images, {info['objects']} objects "
+              f"(small {info['small']}, medium {info['medium']}, large {info['large']}) "
+              f"-> {info['annotation_file']}")
+    print(f"wrote {args.out} in {summary['seconds']:.1f}s")
+    return 0
+
+
+# ---- train ----------------------------------------------------------------------------------
+def train_overrides(args: argparse.Namespace) -> list[str | tuple[str, Any]]:
+    """Config overrides from the shortcut flags (typed pairs) followed by ``--set`` strings."""
+    shortcuts = {"model.family": args.family, "model.preset": args.preset, "data.root": args.data,
+                 "optim.epochs": args.epochs, "device": args.device, "output_dir": args.output_dir}
+    pairs: list[str | tuple[str, Any]] = [(k, v) for k, v in shortcuts.items() if v is not None]
+    return pairs + list(args.overrides)
+
+
+def train_config_source(args: argparse.Namespace) -> Path | None:
+    """``--config``, or with ``--resume`` and no ``--config`` the run dir's ``config.yaml``."""
+    if args.config is not None or not args.resume or args.output_dir is None:
+        return args.config
+    saved = Path(args.output_dir) / "config.yaml"
+    return saved if saved.is_file() else None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """``detrkd train``."""
+    from detrkd.config import load_config
+    from detrkd.engine import train_detector
+
+    config = load_config(train_config_source(args), train_overrides(args))
+    summary = train_detector(config, resume=args.resume, progress=_progress(args))
+    best = summary["best_metric"]
+    status = "stopped at optim.max_steps" if summary["stopped_early"] else "done"
+    print(f"{status}: {summary['global_step']} steps, epoch {summary['epoch']}, "
+          f"best AP {'n/a' if best is None else f'{best:.4f}'} -> {summary['run_dir']}")
+    return 0
+
+
+# ---- loading a detector ---------------------------------------------------------------------
+def load_for_inference(path: Path, device: str) -> tuple[Any, dict[str, Any] | None]:
+    """(detector in eval mode on ``device``, the run config dict of a .pt checkpoint or None)."""
+    from detrkd.checkpoint import load_checkpoint, load_model_entries
+    from detrkd.models import detector_from_state, load_detector
+
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        return load_detector(path).to(device).eval(), None
+    state = load_checkpoint(path)
+    if state.get("family") is None or state.get("hf_config") is None:
+        raise CheckpointError(f"{path} holds no detector (no family / hf_config)")
+    model = detector_from_state(state["family"], state["hf_config"])
+    load_model_entries(model, state)
+    return model.to(device).eval(), state.get("config")
+
+
+def _image_size(flag: int | None, run_config: dict[str, Any] | None) -> int:
+    if flag is not None:
+        return flag
+    return int(((run_config or {}).get("data") or {}).get("image_size", 256))
+
+
+# ---- eval -----------------------------------------------------------------------------------
+def eval_data_config(args: argparse.Namespace, run_config: dict[str, Any] | None) -> Any:
+    """The ``DataConfig`` to evaluate on: the checkpoint's data section updated by the flags."""
+    from detrkd.config import DataConfig, coerce
+
+    data = dict(((run_config or {}).get("data")) or {})
+    if args.data is not None:
+        data["root"] = args.data
+    if "root" not in data:
+        raise ConfigError("--data is required (the checkpoint does not name its training data)")
+    data.update(image_size=_image_size(args.image_size, run_config), batch_size=args.batch_size,
+                num_workers=0)
+    return coerce(data, DataConfig, "data")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``detrkd eval``."""
+    from torch.utils.data import DataLoader
+
+    from detrkd.data.coco import CocoDetection
+    from detrkd.data.collate import collate
+    from detrkd.engine import transforms_for
+    from detrkd.evaluation import evaluate
+
+    model, run_config = load_for_inference(args.checkpoint, args.device)
+    data = eval_data_config(args, run_config)
+    images, ann = data.split_paths(args.split)
+    dataset = CocoDetection(images, ann, transforms_for(model.family, "val", data))
+    if dataset.num_classes != model.num_classes:
+        raise ValueError(f"the detector has {model.num_classes} classes but {ann} has {dataset.num_classes}")
+    loader = DataLoader(dataset, batch_size=data.batch_size, shuffle=False, collate_fn=collate)
+    stats = evaluate(model, loader, dataset, args.device, max_images=args.max_images,
+                     progress=_progress(args))
+    print(format_stats(stats))
+    if args.out is not None:
+        record = {"checkpoint": str(args.checkpoint), "annotation_file": ann, "split": args.split,
+                  "image_size": data.image_size, **stats}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+_STAT_LABELS = {
+    "ap": "AP @[.50:.95]", "ap50": "AP @.50", "ap75": "AP @.75", "aps": "AP small", "apm": "AP medium",
+    "apl": "AP large", "ar1": "AR @1", "ar10": "AR @10", "ar100": "AR @100", "ars": "AR small",
+    "arm": "AR medium", "arl": "AR large",
+}
+
+
+def format_stats(stats: dict[str, float]) -> str:
+    """A two-column table of the COCO stats, images/s and the image count."""
+    rows = [(label, f"{stats[key]:.4f}" if stats[key] >= 0 else "n/a")
+            for key, label in _STAT_LABELS.items() if key in stats]
+    if "images_per_sec" in stats:
+        rows.append(("images/s", f"{stats['images_per_sec']:.2f}"))
+    if "num_images" in stats:
+        rows.append(("images", f"{int(stats['num_images'])}"))
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {value:>8}" for label, value in rows)
+
+
+# ---- predict --------------------------------------------------------------------------------
+def cmd_predict(args: argparse.Namespace) -> int:
+    """``detrkd predict``."""
+    from PIL import Image
+
+    model, run_config = load_for_inference(args.checkpoint, args.device)
+    if not args.image.is_file():
+        raise FileNotFoundError(f"image not found: {args.image}")
+    with Image.open(args.image) as im:
+        image = im.convert("RGB")
+    detections = predict_image(model, image, _image_size(args.image_size, run_config), args.device,
+                               args.threshold)
+    names = class_names(model)
+    draw_detections(image, detections, names).save(args.out, format="PNG")
+    for det in detections:
+        box = " ".join(f"{v:.1f}" for v in det["box"])
+        print(f"{names(det['label'])}\t{det['score']:.3f}\t{box}")
+    print(f"{len(detections)} detections with score >= {args.threshold} -> {args.out}")
+    return 0
+
+
+def predict_image(model: Any, image: Any, image_size: int, device: str, threshold: float) -> list[dict[str, Any]]:
+    """Detections ``{"label", "score", "box" (xyxy px of ``image``)}`` with score >= threshold."""
+    import torch
+
+    from detrkd.data.collate import collate
+    from detrkd.data.transforms import make_transforms
+    from detrkd.evaluation import postprocess
+
+    transforms = make_transforms("val", image_size, square=not model.uses_pixel_mask)
+    hw = torch.tensor([image.height, image.width])
+    target = {"boxes": torch.zeros(0, 4), "class_labels": torch.zeros(0, dtype=torch.long),
+              "image_id": 0, "orig_size": hw, "size": hw.clone()}
+    batch = collate([transforms(image, target)])
+    with torch.no_grad():
+        out = model(batch["pixel_values"].to(device), batch["pixel_mask"].to(device))
+        result = postprocess(out.predictions.logits[-1], out.predictions.boxes[-1], hw[None].to(device),
+                             out.class_head)[0]
+    keep = result["scores"] >= threshold
+    return [{"label": int(label), "score": float(score), "box": [float(v) for v in box]}
+            for label, score, box in zip(result["labels"][keep], result["scores"][keep], result["boxes"][keep])]
+
+
+def class_names(model: Any) -> Any:
+    """``label -> name`` from the HF config's ``id2label`` (falls back to the label number)."""
+    id2label = {int(k): str(v) for k, v in (getattr(model.config, "id2label", None) or {}).items()}
+
+    def name(label: int) -> str:
+        found = id2label.get(label)
+        return str(label) if found is None or found == f"LABEL_{label}" else found
+
+    return name
+
+
+_PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+            (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 190))
+
+
+def draw_detections(image: Any, detections: list[dict[str, Any]], names: Any) -> Any:
+    """A copy of the PIL ``image`` with a box and "name score" per detection."""
+    from PIL import ImageDraw, ImageFont
+
+    canvas = image.copy()
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    width = max(1, round(min(canvas.size) / 200))
+    for det in sorted(detections, key=lambda d: d["score"]):
+        colour = _PALETTE[det["label"] % len(_PALETTE)]
+        x0, y0, x1, y1 = det["box"]
+        draw.rectangle((x0, y0, x1, y1), outline=colour, width=width)
+        text = f"{names(det['label'])} {det['score']:.2f}"
+        left, top, right, bottom = draw.textbbox((x0, y0), text, font=font)
+        shift = bottom - top + 2 if y0 - (bottom - top + 2) >= 0 else 0
+        draw.rectangle((left, top - shift, right + 2, bottom - shift + 1), fill=colour)
+        draw.text((x0 + 1, y0 - shift), text, fill=(0, 0, 0), font=font)
+    return canvas
+
+
+if __name__ == "__main__":
+    sys.exit(main())

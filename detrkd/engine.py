@@ -1,0 +1,600 @@
+"""The training loop, reusable by distillation.
+
+``Trainer`` is driven by a ``compute_loss(batch) -> (loss, terms)`` callable and an optimizer over
+*named* parameter groups; it owns the schedule, clipping, non-finite handling, logging, periodic
+evaluation, atomic checkpoints and exact resume. ``train_detector`` wires it up for plain detector
+training (``detrkd train``); a distillation command builds its own ``compute_loss`` (student +
+teacher + methods) and extra parameter groups / modules and reuses ``Trainer`` unchanged::
+
+    groups = detector_param_groups(student, cfg.optim) + named_param_groups(
+        "heads", heads.named_parameters(), cfg.optim.lr, cfg.optim.weight_decay)
+    Trainer(student, distill_loss, groups, train_set, collate, cfg,
+            evaluate_fn=make_eval_fn(cfg, val_set), extra_modules={"heads": heads}).fit(resume)
+
+(the teacher stays outside: frozen, in eval mode, not checkpointed).
+
+Reproducibility: the data order of epoch ``e`` is a pure function of ``(seed, e)`` (a
+``torch.Generator`` seeded with ``seed + e`` drives the permutation and the DataLoader's own seed);
+resuming skips the batches of the interrupted epoch that were already consumed and restores the
+Python / NumPy / torch RNG states, so with ``num_workers=0`` a resumed run ends with the same
+weights as an uninterrupted one. Evaluation runs with the RNG states saved and restored, so it does
+not perturb training. (With workers the data order is still exact, augmentation draws are not.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from detrkd.checkpoint import (BEST, LAST, load_checkpoint, load_model_entries, model_entries,
+                               rng_state, save_checkpoint, set_rng_state)
+from detrkd.config import OptimConfig, TrainConfig, config_to_dict, dump_config
+
+log = logging.getLogger("detrkd")
+
+Batch = dict[str, Any]
+LossFn = Callable[[Batch], tuple[Tensor, dict[str, Tensor]]]
+EvalFn = Callable[[nn.Module], dict[str, float]]
+ParamGroup = dict[str, Any]
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.yaml"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or continue (bad run directory, resume mismatch, ...)."""
+
+
+class NonFiniteLossError(TrainingError):
+    """The loss (or gradient) was non-finite for ``max_nonfinite_in_row`` steps in a row."""
+
+
+# ---- runtime ------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup_runtime(config: TrainConfig) -> None:
+    """Apply ``threads`` and seed all generators with ``config.seed``."""
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    seed_everything(config.seed)
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run a block (e.g. evaluation) without changing any global RNG state afterwards."""
+    saved = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(saved)
+
+
+# ---- parameter groups and optimizer -------------------------------------------------------
+def _no_decay(name: str, param: nn.Parameter) -> bool:
+    """Biases and norm weights (all 0-/1-d parameters) get no weight decay."""
+    return param.ndim <= 1 or name.endswith(".bias")
+
+
+def named_param_groups(
+    name: str, named_params: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float
+) -> list[ParamGroup]:
+    """``name`` and ``name/no_decay`` groups of the trainable parameters (empty groups dropped)."""
+    decay, no_decay = [], []
+    for pname, param in named_params:
+        if param.requires_grad:
+            (no_decay if _no_decay(pname, param) else decay).append(param)
+    groups = [
+        {"name": name, "params": decay, "lr": lr, "weight_decay": weight_decay},
+        {"name": f"{name}/no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def detector_param_groups(model: nn.Module, optim: OptimConfig, prefix: str = "") -> list[ParamGroup]:
+    """Groups for a detector adapter: ``main`` at ``optim.lr``, ``backbone`` at ``optim.backbone_lr``.
+
+    Uses ``model.backbone_parameters()`` when the model has it; otherwise everything is ``main``.
+    ``prefix`` namespaces the group names (e.g. ``"student/"``).
+    """
+    backbone_fn = getattr(model, "backbone_parameters", None)
+    backbone_ids = {id(p) for p in backbone_fn()} if callable(backbone_fn) else set()
+    named = list(model.named_parameters())
+    main = [(n, p) for n, p in named if id(p) not in backbone_ids]
+    backbone = [(n, p) for n, p in named if id(p) in backbone_ids]
+    return (named_param_groups(f"{prefix}main", main, optim.lr, optim.weight_decay)
+            + named_param_groups(f"{prefix}backbone", backbone, optim.backbone_lr, optim.weight_decay))
+
+
+def build_optimizer(groups: Sequence[ParamGroup], optim: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over named groups; a parameter may appear in one group only."""
+    seen: set[int] = set()
+    for group in groups:
+        for param in group["params"]:
+            if id(param) in seen:
+                raise TrainingError(f"a parameter appears in more than one group (again in {group['name']!r})")
+            seen.add(id(param))
+    if not seen:
+        raise TrainingError("no trainable parameters (all groups are empty)")
+    return torch.optim.AdamW(list(groups), lr=optim.lr, weight_decay=optim.weight_decay)
+
+
+# ---- learning-rate schedule ---------------------------------------------------------------
+def lr_factor(step: int, optim: OptimConfig, steps_per_epoch: int) -> float:
+    """LR multiplier at ``step`` (0-based): linear warm-up to 1, then cosine or step decay."""
+    warm = min(1.0, (step + 1) / optim.warmup_steps) if optim.warmup_steps > 0 else 1.0
+    total = optim.epochs * steps_per_epoch
+    if optim.schedule == "step":
+        drops = sum(step >= e * steps_per_epoch for e in optim.step_epochs)
+        return warm * optim.gamma**drops
+    span = max(1, total - optim.warmup_steps)
+    progress = min(1.0, max(0.0, (step - optim.warmup_steps) / span))
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return warm * (optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * cosine)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step ``LambdaLR`` applying ``lr_factor`` to every group's peak LR."""
+    def factor(step: int) -> float:
+        return lr_factor(step, optim, steps_per_epoch)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---- data order ---------------------------------------------------------------------------
+def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The shuffled index batches of ``epoch``: a pure function of ``(seed, epoch)``."""
+    generator = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(num_items, generator=generator).tolist()
+    return [order[i:i + batch_size] for i in range(0, num_items, batch_size)]
+
+
+def epoch_loader(dataset: Dataset, collate_fn: Callable, batch_size: int, num_workers: int,
+                 seed: int, epoch: int, skip: int = 0) -> DataLoader:
+    """A DataLoader over ``epoch``'s batches, starting after the first ``skip`` of them."""
+    batches = epoch_batches(len(dataset), batch_size, seed, epoch)[skip:]  # type: ignore[arg-type]
+    generator = torch.Generator().manual_seed(seed + epoch)  # the loader's base seed, not global RNG
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn,
+                      num_workers=num_workers, generator=generator)
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Move the tensors of a nested dict / list / tuple to ``device``."""
+    if isinstance(obj, Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+# ---- metrics log --------------------------------------------------------------------------
+def append_metrics(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line to the metrics log."""
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines written after ``step`` (by an interrupted run that is being resumed)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """Raise ``TrainingError`` if ``run_dir`` holds a run and ``resume`` is False, or vice versa."""
+    last = Path(run_dir) / LAST
+    if resume and not last.is_file():
+        raise TrainingError(f"cannot resume: no {LAST} in {run_dir}")
+    if not resume and last.exists():
+        raise TrainingError(f"{run_dir} already holds a run ({LAST}); "
+                            "resume it (--resume) or choose another output directory")
+
+
+@dataclass
+class Position:
+    """Where training is; saved in every checkpoint."""
+
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    global_step: int = 0
+    best_metric: float | None = None
+    nonfinite_in_row: int = 0
+    nonfinite_total: int = 0
+
+
+class _Window:
+    """Running sums of the losses (finite steps) and step times (all steps) between log lines."""
+
+    def __init__(self, sums: dict[str, float] | None = None, steps: int = 0) -> None:
+        self.sums: dict[str, float] = dict(sums or {})
+        self.steps = steps
+
+    def add(self, loss: float, terms: dict[str, float]) -> None:
+        for key, value in {"loss": loss, **terms}.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.steps += 1
+
+    def add_time(self, step_seconds: float, data_seconds: float) -> None:
+        self.sums["_seconds"] = self.sums.get("_seconds", 0.0) + step_seconds
+        self.sums["_data_seconds"] = self.sums.get("_data_seconds", 0.0) + data_seconds
+
+    def record(self, num_steps: int) -> dict[str, float]:
+        """Mean loss / terms over the finite steps and seconds per step over ``num_steps``."""
+        means = {k: v / max(1, self.steps) for k, v in self.sums.items() if not k.startswith("_")}
+        return {**means, "sec_per_step": self.sums.get("_seconds", 0.0) / num_steps,
+                "data_sec_per_step": self.sums.get("_data_seconds", 0.0) / num_steps}
+
+
+# ---- the trainer --------------------------------------------------------------------------
+class Trainer:
+    """Trains ``model`` (plus ``extra_modules``) by minimising ``compute_loss`` over a dataset.
+
+    model:          the module that is checkpointed as ``model`` (and evaluated)
+    compute_loss:   ``batch (on device) -> (loss, {term name: tensor})``
+    param_groups:   named optimizer groups (see ``detector_param_groups``/``named_param_groups``);
+                    each group's ``lr`` is its peak LR
+    train_dataset, collate_fn: the training data; batches come from ``epoch_loader``
+    config:         the run config (``optim``, ``data.batch_size``/``num_workers``, output, ...)
+    evaluate_fn:    ``model -> {"ap": ..., ...}``; called in eval mode under ``no_grad``
+    extra_modules:  other trained modules to checkpoint and switch to train mode (heads, ...)
+    """
+
+    def __init__(self, model: nn.Module, compute_loss: LossFn, param_groups: Sequence[ParamGroup],
+                 train_dataset: Dataset, collate_fn: Callable, config: TrainConfig, *,
+                 evaluate_fn: EvalFn | None = None, extra_modules: dict[str, nn.Module] | None = None,
+                 progress: bool = True):
+        if len(train_dataset) == 0:  # type: ignore[arg-type]
+            raise TrainingError("the training set is empty")
+        self.model, self.compute_loss, self.config = model, compute_loss, config
+        self.dataset, self.collate_fn, self.evaluate_fn = train_dataset, collate_fn, evaluate_fn
+        self.extra_modules = dict(extra_modules or {})
+        self.progress = progress
+        self.device = torch.device(config.device)
+        self.steps_per_epoch = math.ceil(len(train_dataset) / config.data.batch_size)  # type: ignore[arg-type]
+        self.optimizer = build_optimizer(param_groups, config.optim)
+        self.scheduler = build_scheduler(self.optimizer, config.optim, self.steps_per_epoch)
+        self.run_dir = Path(config.output_dir)
+        self.metrics_path = self.run_dir / METRICS_FILE
+        self.pos = Position()
+        self.last_eval: dict[str, float] | None = None
+        self._window = _Window()
+
+    # ---- public ------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        """Train to the end of ``optim.epochs`` (or ``optim.max_steps``); returns a summary.
+
+        Writes ``config.yaml``, ``metrics.jsonl``, ``last.pt`` and ``best.pt`` into the run dir.
+        ``resume=True`` continues from ``last.pt`` exactly where it stopped.
+        """
+        self.prepare_run_dir(resume)
+        dump_config(self.config, self.run_dir / CONFIG_FILE)
+        if resume:
+            self.resume_from(self.run_dir / LAST)
+        for module in self._trained_modules():
+            module.train()
+        while self.pos.epoch < self.config.optim.epochs:
+            if self._reached_max_steps():
+                self.save(LAST)
+                return self.summary(stopped=True)
+            self._run_epoch()
+            if self.pos.batch_in_epoch < self.steps_per_epoch:  # stopped by max_steps
+                self.save(LAST)
+                return self.summary(stopped=True)
+            self._end_epoch()
+        return self.summary()
+
+    def summary(self, stopped: bool = False) -> dict[str, Any]:
+        """Position, best metric and the last evaluation."""
+        return {**asdict(self.pos), "stopped_early": stopped, "last_eval": self.last_eval,
+                "run_dir": str(self.run_dir)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a checkpoint holds (see ``detrkd.checkpoint``)."""
+        return {
+            **model_entries(self.model),
+            "extra_modules": {k: m.state_dict() for k, m in self.extra_modules.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            **asdict(self.pos),
+            "rng": rng_state(),
+            "config": config_to_dict(self.config),
+            "data_size": len(self.dataset),  # type: ignore[arg-type]
+            "batch_size": self.config.data.batch_size,
+            "log_window": {"sums": dict(self._window.sums), "steps": self._window.steps},
+        }
+
+    def save(self, name: str) -> Path:
+        """Atomically write the current state to ``run_dir/name``."""
+        return save_checkpoint(self.run_dir / name, self.state_dict())
+
+    def resume_from(self, path: Path) -> None:
+        """Restore model, extra modules, optimizer, scheduler, position and RNG from ``path``."""
+        state = load_checkpoint(path, map_location=self.device)
+        self._check_resumable(state, path)
+        try:
+            load_model_entries(self.model, state)
+            for name, module in self.extra_modules.items():
+                module.load_state_dict(state["extra_modules"][name])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TrainingError(f"cannot resume from {path}: its state does not fit the configured "
+                                f"model / optimizer (did the model config change?): {first}") from exc
+        self.scheduler.load_state_dict(state["scheduler"])
+        fields = Position.__dataclass_fields__
+        self.pos = Position(**{k: state[k] for k in fields if k in state})
+        self._window = _Window(**state.get("log_window", {}))
+        set_rng_state(state["rng"])
+        truncate_metrics(self.metrics_path, self.pos.global_step)
+        log.info("resumed from %s at epoch %d, batch %d (step %d)", path, self.pos.epoch + 1,
+                 self.pos.batch_in_epoch, self.pos.global_step)
+
+    # ---- setup -------------------------------------------------------------------------
+    def _trained_modules(self) -> list[nn.Module]:
+        return [self.model, *self.extra_modules.values()]
+
+    def prepare_run_dir(self, resume: bool) -> None:
+        """Create the run dir; refuse to start over an existing run or to resume a missing one."""
+        check_run_dir(self.run_dir, resume)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume and self.metrics_path.exists():
+            self.metrics_path.unlink()
+
+    def _check_resumable(self, state: dict[str, Any], path: Path) -> None:
+        now = (len(self.dataset), self.config.data.batch_size)  # type: ignore[arg-type]
+        then = (state.get("data_size"), state.get("batch_size"))
+        if then != now:
+            raise TrainingError(
+                f"cannot resume from {path}: it was written with {then[0]} training images in "
+                f"batches of {then[1]}, the config now gives {now[0]} in batches of {now[1]}")
+        missing = sorted(set(self.extra_modules) - set(state.get("extra_modules", {})))
+        if missing:
+            raise TrainingError(f"cannot resume from {path}: it has no weights for {missing}")
+
+    # ---- one epoch ---------------------------------------------------------------------
+    def _run_epoch(self) -> None:
+        """Train over the rest of the current epoch, or until ``max_steps``."""
+        cfg, pos = self.config, self.pos
+        loader = epoch_loader(self.dataset, self.collate_fn, cfg.data.batch_size,
+                              cfg.data.num_workers, cfg.seed, pos.epoch, skip=pos.batch_in_epoch)
+        bar = tqdm(total=self.steps_per_epoch, initial=pos.batch_in_epoch, disable=not self.progress,
+                   desc=f"epoch {pos.epoch + 1}/{cfg.optim.epochs}", dynamic_ncols=True, leave=False)
+        with bar:
+            fetch_start = time.perf_counter()
+            for batch in loader:
+                self._step(batch, bar, data_seconds=time.perf_counter() - fetch_start)
+                if self._reached_max_steps():  # before the next batch is loaded (RNG untouched)
+                    return
+                fetch_start = time.perf_counter()
+
+    def _reached_max_steps(self) -> bool:
+        max_steps = self.config.optim.max_steps
+        return max_steps is not None and self.pos.global_step >= max_steps
+
+    def _step(self, batch: Batch, bar: tqdm, data_seconds: float) -> None:
+        lr = self._current_lr()
+        start = time.perf_counter()
+        result = self._train_step(to_device(batch, self.device))
+        self._window.add_time(time.perf_counter() - start + data_seconds, data_seconds)
+        with warnings.catch_warnings():  # a skipped first step makes torch warn about the order
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+            self.scheduler.step()
+        self.pos.global_step += 1
+        self.pos.batch_in_epoch += 1
+        if result is not None:
+            self._window.add(*result)
+            bar.set_postfix(loss=f"{result[0]:.4f}", lr=f"{lr:.2e}", refresh=False)
+        bar.update(1)
+        self._maybe_log(lr)
+        self._maybe_checkpoint()
+
+    def _current_lr(self) -> float:
+        return max(group["lr"] for group in self.optimizer.param_groups)
+
+    def _train_step(self, batch: Batch) -> tuple[float, dict[str, float]] | None:
+        """Forward, backward, clip, step. None if the step was skipped (non-finite)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.amp):
+            loss, terms = self.compute_loss(batch)
+        if not torch.isfinite(loss.detach()).all():
+            self._skip("loss", float(loss.detach()), terms)
+            return None
+        loss.backward()
+        norm = self._clip_gradients()
+        if not math.isfinite(norm):
+            self._skip("gradient norm", norm, terms)
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        self.optimizer.step()
+        self.pos.nonfinite_in_row = 0
+        return float(loss.detach()), {k: float(v.detach()) for k, v in terms.items()}
+
+    def _clip_gradients(self) -> float:
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
+            return 0.0
+        max_norm = self.config.optim.clip_grad or float("inf")
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    def _skip(self, what: str, value: float, terms: dict[str, Tensor]) -> None:
+        """Count a non-finite step; abort after ``max_nonfinite_in_row`` in a row."""
+        self.pos.nonfinite_in_row += 1
+        self.pos.nonfinite_total += 1
+        limit = self.config.optim.max_nonfinite_in_row
+        bad = [k for k, v in terms.items() if not torch.isfinite(v.detach()).all()]
+        detail = f"non-finite terms: {', '.join(bad)}" if bad else "all terms finite"
+        log.warning("step %d: non-finite %s (%s; %s), step skipped (%d in a row, %d in total)",
+                    self.pos.global_step + 1, what, value, detail, self.pos.nonfinite_in_row,
+                    self.pos.nonfinite_total)
+        if self.pos.nonfinite_in_row >= limit:
+            raise NonFiniteLossError(
+                f"the {what} was non-finite for {limit} steps in a row (last at step "
+                f"{self.pos.global_step + 1}; {detail}); lower optim.lr, check the data, or raise "
+                f"optim.max_nonfinite_in_row")
+
+    # ---- logging and checkpoints -------------------------------------------------------
+    def _maybe_log(self, lr: float) -> None:
+        if self.pos.global_step % self.config.log_every_steps:
+            return
+        window, self._window = self._window, _Window()
+        append_metrics(self.metrics_path, {
+            "type": "train", "step": self.pos.global_step, "epoch": self.pos.epoch + 1, "lr": lr,
+            **window.record(self.config.log_every_steps), "skipped_steps": self.pos.nonfinite_total})
+
+    def _maybe_checkpoint(self) -> None:
+        every = self.config.checkpoint_every_steps
+        if every and self.pos.global_step % every == 0:
+            self.save(LAST)
+
+    def _end_epoch(self) -> None:
+        """Evaluate if due, move to the next epoch, write ``last.pt`` (and ``best.pt``)."""
+        improved = self._maybe_evaluate()
+        self.pos.epoch += 1
+        self.pos.batch_in_epoch = 0
+        self.save(LAST)
+        if improved:
+            self.save(BEST)
+
+    def _evaluation_due(self) -> bool:
+        every, epoch = self.config.eval_every_epochs, self.pos.epoch + 1
+        if self.evaluate_fn is None or every == 0:
+            return False
+        return epoch % every == 0 or epoch == self.config.optim.epochs
+
+    def _maybe_evaluate(self) -> bool:
+        """Run ``evaluate_fn`` if due; True if it improved the best AP."""
+        if not self._evaluation_due():
+            return False
+        stats = self.evaluate()
+        ap = stats.get("ap")
+        if ap is None or not math.isfinite(ap):
+            return False
+        if self.pos.best_metric is None or ap > self.pos.best_metric:
+            self.pos.best_metric = float(ap)
+            return True
+        return False
+
+    def evaluate(self) -> dict[str, float]:
+        """Run ``evaluate_fn`` now (eval mode, no grad, RNG untouched) and log the result."""
+        assert self.evaluate_fn is not None
+        modules = self._trained_modules()
+        with preserved_rng(), torch.no_grad():
+            for module in modules:
+                module.eval()
+            try:
+                stats = self.evaluate_fn(self.model)
+            finally:
+                for module in modules:
+                    module.train()
+        self.last_eval = {k: float(v) for k, v in stats.items() if isinstance(v, (int, float))}
+        append_metrics(self.metrics_path, {"type": "eval", "step": self.pos.global_step,
+                                           "epoch": self.pos.epoch + 1, **self.last_eval})
+        log.info("epoch %d eval: %s", self.pos.epoch + 1,
+                 ", ".join(f"{k}={v:.4f}" for k, v in self.last_eval.items()))
+        return self.last_eval
+
+
+# ---- plain detector training (``detrkd train``) -------------------------------------------
+def detector_loss(model: nn.Module) -> LossFn:
+    """``compute_loss`` of plain training: the detector's own (HF) loss and its terms."""
+    def compute_loss(batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        out = model(batch["pixel_values"], batch["pixel_mask"], labels=batch["labels"])
+        terms = {k: v for k, v in (out.loss_dict or {}).items() if isinstance(v, Tensor) and v.numel() == 1}
+        return out.loss, terms
+
+    return compute_loss
+
+
+def make_detector(config: TrainConfig, num_classes: int, class_names: Sequence[str] | None = None) -> nn.Module:
+    """Build the configured detector (random init or ``model.pretrained``)."""
+    from detrkd.models import build_detector, load_detector
+
+    mcfg = config.model
+    if mcfg.pretrained:
+        model = load_detector(mcfg.pretrained)
+        if model.num_classes != num_classes:
+            raise TrainingError(f"model.pretrained {mcfg.pretrained} has {model.num_classes} classes, "
+                                f"the data has {num_classes}")
+        return model
+    overrides = dict(mcfg.overrides)
+    if mcfg.num_queries is not None:
+        overrides["num_queries"] = mcfg.num_queries
+    if class_names is not None:
+        overrides.setdefault("id2label", {i: name for i, name in enumerate(class_names)})
+        overrides.setdefault("label2id", {name: i for i, name in enumerate(class_names)})
+    return build_detector(mcfg.family, mcfg.preset, num_classes, **overrides)
+
+
+def transforms_for(family: str, split: str, data: Any) -> Any:
+    """The standard transforms of ``split`` for a detector family (square inputs where the
+    family ignores the pixel mask) under a ``DataConfig``."""
+    from detrkd.data.transforms import make_transforms
+    from detrkd.models import adapter_class
+
+    square = not adapter_class(family).uses_pixel_mask
+    return make_transforms(split, data.image_size, hflip=data.hflip, square=square)
+
+
+def make_datasets(config: TrainConfig, splits: Sequence[str] = ("train", "val")) -> dict[str, Any]:
+    """``CocoDetection`` datasets of ``splits`` with their standard transforms."""
+    from detrkd.data.coco import CocoDetection
+
+    out = {}
+    for split in splits:
+        images, ann = config.data.split_paths(split)
+        out[split] = CocoDetection(images, ann, transforms_for(config.model.family, split, config.data),
+                                   skip_empty=config.data.skip_empty and split == "train")
+    return out
+
+
+def make_eval_fn(config: TrainConfig, dataset: Any, progress: bool = False) -> EvalFn:
+    """``model -> COCO stats`` on ``dataset`` (``detrkd.evaluation.evaluate``)."""
+    from detrkd.data.collate import collate
+    from detrkd.evaluation import evaluate
+
+    loader = DataLoader(dataset, batch_size=config.data.batch_size, shuffle=False,
+                        collate_fn=collate, num_workers=config.data.num_workers)
+
+    def evaluate_fn(model: nn.Module) -> dict[str, float]:
+        return evaluate(model, loader, dataset, torch.device(config.device),
+                        max_images=config.eval_max_images, progress=progress)
+
+    return evaluate_fn
+
+
+def train_detector(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Plain training of one detector as configured; returns ``Trainer.summary()``."""
+    from detrkd.data.collate import collate
+
+    check_run_dir(Path(config.output_dir), resume)
+    setup_runtime(config)
+    data = make_datasets(config)
+    model = make_detector(config, data["train"].num_classes, data["train"].class_names).to(config.device)
+    evaluate_fn = make_eval_fn(config, data["val"], progress) if len(data["val"]) else None
+    trainer = Trainer(model, detector_loss(model), detector_param_groups(model, config.optim),
+                      data["train"], collate, config, evaluate_fn=evaluate_fn, progress=progress)
+    return trainer.fit(resume=resume)

@@ -1,0 +1,106 @@
+"""Detector adapters: build from a named preset, load from disk, save.
+
+``ADAPTERS`` maps a family name to ``"module:Class"``; modules are imported on first use so that one
+family's import cost (or failure) does not touch the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+from .base import (PRESETS, DetectorOutput, DetrAdapter, EncoderMemory, Predictions, PresetSize,
+                   Queries, count_hooks)
+
+ADAPTERS: dict[str, str] = {
+    "detr": "detr:DETRAdapter",
+    "conditional_detr": "conditional_detr:ConditionalDETRAdapter",
+    "dab_detr": "dab_detr:DABDETRAdapter",
+    "deformable_detr": "deformable_detr:DeformableDETRAdapter",
+    "rt_detr": "rt_detr:RTDETRAdapter",
+    "rt_detr_v2": "rt_detr:RTDETRv2Adapter",
+    "d_fine": "d_fine:DFineAdapter",
+}
+
+__all__ = ["ADAPTERS", "PRESETS", "DetectorOutput", "DetrAdapter", "EncoderMemory", "Predictions",
+           "PresetSize", "Queries", "adapter_class", "build_detector", "count_hooks",
+           "detector_from_state", "family_of_model_type", "load_detector", "save_detector"]
+
+
+def adapter_class(family: str) -> type[DetrAdapter]:
+    """The adapter class of a family name (see ``ADAPTERS``)."""
+    if family not in ADAPTERS:
+        raise ValueError(f"unknown detector family {family!r}; choose one of {sorted(ADAPTERS)}")
+    module, cls = ADAPTERS[family].split(":")
+    return getattr(importlib.import_module(f"{__name__}.families.{module}"), cls)
+
+
+def family_of_model_type(model_type: str) -> str:
+    """Family name for an HF ``config.model_type``."""
+    for family in ADAPTERS:
+        if model_type in adapter_class(family).model_types:
+            return family
+    raise ValueError(f"HF model type {model_type!r} is not a supported DETR family "
+                     f"(supported: {sorted(ADAPTERS)})")
+
+
+def build_detector(family: str, preset: str, num_classes: int, **hf_overrides: Any) -> DetrAdapter:
+    """A randomly initialised detector of a named size (``tiny``/``small``/``base``), offline.
+
+    hf_overrides: HF config keys of the family (e.g. ``num_queries=100``, ``decoder_layers=3``).
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    cls = adapter_class(family)
+    return cls.from_config(cls.make_config(PRESETS[preset], num_classes, **hf_overrides))
+
+
+def detector_from_state(family: str, hf_config: dict[str, Any]) -> DetrAdapter:
+    """Rebuild an (untrained) adapter from a family name and an HF config dict."""
+    from transformers import AutoConfig
+
+    cls = adapter_class(family)
+    config_dict = dict(hf_config)
+    model_type = config_dict.pop("model_type", None)
+    if model_type not in cls.model_types:
+        raise ValueError(f"checkpoint says family {family!r} but its HF config is {model_type!r}")
+    return cls.from_config(AutoConfig.for_model(model_type, **config_dict))
+
+
+def load_detector(path: str | Path) -> DetrAdapter:
+    """Load a detector from a HF ``save_pretrained`` directory or a detrkd checkpoint file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no detector at {path}")
+    if path.is_dir():
+        return _load_pretrained_dir(path)
+    from ..checkpoint import load_checkpoint
+
+    state = load_checkpoint(path)
+    adapter = detector_from_state(state["family"], state["hf_config"])
+    adapter.model.load_state_dict(state["model"])
+    return adapter
+
+
+def _load_pretrained_dir(path: Path) -> DetrAdapter:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} is a directory without config.json: not a from_pretrained dir")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    cls = adapter_class(family_of_model_type(model_type))
+    from transformers import AutoModelForObjectDetection
+
+    # the attention implementation is not saved in config.json; eager is the one that returns maps
+    model = AutoModelForObjectDetection.from_pretrained(path, attn_implementation="eager")
+    for param in model.parameters():  # HF freezes parts of some backbones; detrkd trains all
+        param.requires_grad_(True)
+    return cls(model)
+
+
+def save_detector(adapter: DetrAdapter, directory: str | Path) -> None:
+    """Write the detector in HF ``save_pretrained`` layout (loadable by transformers alone)."""
+    adapter.model.save_pretrained(directory)
