@@ -123,6 +123,9 @@ def test_group_mask_equals_separate_calls(detector, batch):
 def test_backbone_is_trainable(detector):
     params = list(detector.backbone_parameters())
     assert params and all(p.requires_grad for p in params)
+    # from scratch, normalisation must train too: no HF FrozenBatchNorm2d left in the backbone
+    norms = [type(m).__name__ for m in detector.model.model.backbone.modules() if "BatchNorm" in type(m).__name__]
+    assert norms and all(name == "BatchNorm2d" for name in norms)
 
 
 def test_save_and_load_roundtrip(detector, batch, tmp_path):

@@ -506,3 +506,41 @@ def test_collate_pads_and_masks():
     assert exact["pixel_values"].shape == (2, 3, 50, 40)
     with pytest.raises(ValueError, match="empty batch"):
         collate([])
+
+
+# ---- square inputs for mask-blind families, flips off for digits ----------------------------
+def _target(boxes: list[list[float]]) -> dict[str, Any]:
+    return {"boxes": torch.tensor(boxes), "class_labels": torch.zeros(len(boxes), dtype=torch.long),
+            "image_id": 1, "orig_size": torch.tensor([60, 90]), "size": torch.tensor([60, 90])}
+
+
+def test_square_transforms_give_equal_unpadded_sizes():
+    from detrkd.data.transforms import make_transforms
+
+    transforms = make_transforms("train", 64, hflip=False, square=True)
+    a = transforms(Image.new("RGB", (90, 60)), _target([[9.0, 6.0, 45.0, 30.0]]))
+    b = transforms(Image.new("RGB", (40, 120)), _target([[0.0, 0.0, 40.0, 120.0]]))
+    assert a[0].shape == b[0].shape == (3, 64, 64)
+    batch = collate([a, b], pad_to_multiple=32)
+    assert bool(batch["pixel_mask"].all())  # nothing padded that the model could not see
+    # a box keeps its place relative to the image: (9/90, 6/60) .. (45/90, 30/60)
+    torch.testing.assert_close(cxcywh_to_xyxy(a[1]["boxes"]), torch.tensor([[0.1, 0.1, 0.5, 0.5]]))
+
+
+def test_hflip_off_never_mirrors():
+    from detrkd.data.transforms import RandomHorizontalFlip, make_transforms
+
+    for square in (False, True):
+        names = [type(t).__name__ for t in make_transforms("train", 64, hflip=False, square=square).transforms]
+        assert RandomHorizontalFlip.__name__ not in names
+    names = [type(t).__name__ for t in make_transforms("train", 64, hflip=True).transforms]
+    assert RandomHorizontalFlip.__name__ in names
+
+
+def test_engine_picks_square_inputs_for_mask_blind_families():
+    from detrkd.config import DataConfig
+    from detrkd.engine import transforms_for
+
+    data = DataConfig(root=".", image_size=64, hflip=False)
+    assert "SquareResize" in repr(transforms_for("rt_detr", "val", data).transforms)
+    assert "SquareResize" not in repr(transforms_for("deformable_detr", "val", data).transforms)

@@ -12,6 +12,7 @@ internals with forward hooks that are removed when the call returns (``captured_
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator, Literal
 
@@ -304,6 +305,39 @@ def additive_mask(blocked: Tensor | None, dtype: torch.dtype) -> Tensor | None:
         return None
     mask = torch.zeros(blocked.shape, dtype=dtype, device=blocked.device)
     return mask.masked_fill(blocked, torch.finfo(dtype).min)[None, None]
+
+
+def sine_box_embedding(boxes: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
+    """Fixed sine embedding of normalised boxes: [..., 4] -> [..., dim] (dim/4 per coordinate)."""
+    per_coord = dim // 4
+    dim_t = torch.arange(per_coord, dtype=torch.float32, device=boxes.device)
+    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / per_coord)
+    pos = boxes.float()[..., None] * (2 * math.pi) / dim_t  # [..., 4, per_coord]
+    pos = torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-3)
+    return pos.to(boxes.dtype)
+
+
+def thaw_batch_norms(module: nn.Module) -> int:
+    """Replace HF's ``*FrozenBatchNorm2d`` (affine and statistics as fixed buffers) by trainable
+    ``nn.BatchNorm2d`` with the same values, in place; returns how many were replaced.
+
+    HF freezes backbone BatchNorm because it expects an ImageNet-pretrained backbone; a preset
+    trained from scratch would otherwise have no working normalisation at all. The state-dict keys
+    are unchanged (HF's frozen layers drop ``num_batches_tracked`` on load), so a model saved with
+    ``save_pretrained`` still loads into the plain HF class, with frozen statistics.
+    """
+    replaced = 0
+    for name, child in module.named_children():
+        if type(child).__name__.endswith("FrozenBatchNorm2d"):
+            bn = nn.BatchNorm2d(child.weight.shape[0], eps=1e-5).to(child.weight.device)
+            with torch.no_grad():
+                for key in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(bn, key).copy_(getattr(child, key))
+            setattr(module, name, bn)
+            replaced += 1
+        else:
+            replaced += thaw_batch_norms(child)
+    return replaced
 
 
 @contextlib.contextmanager

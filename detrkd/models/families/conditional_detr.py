@@ -29,8 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ...box_ops import inverse_sigmoid
-from ..base import DetectorOutput, PresetSize, Predictions, Queries, forward_hooks
-from .deformable_detr import sine_box_embedding
+from ..base import DetectorOutput, PresetSize, Predictions, Queries, forward_hooks, sine_box_embedding
 from .detr import DenseDetrAdapter, _append_output, _check_self_attn_mask, dense_config_kwargs
 
 

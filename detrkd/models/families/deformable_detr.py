@@ -13,7 +13,6 @@ How queries map to boxes (what ``decode`` replaces):
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -22,17 +21,8 @@ from torch import Tensor, nn
 from ...box_ops import inverse_sigmoid
 from ..attention import splat_deformable_attention
 from ..base import (DetectorOutput, DetrAdapter, EncoderMemory, PresetSize, Predictions, Queries,
-                    _record_inputs, additive_mask, hf_resnet_config)
-
-
-def sine_box_embedding(boxes: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
-    """Fixed sine embedding of normalised boxes: [..., 4] -> [..., dim] (dim/4 per coordinate)."""
-    per_coord = dim // 4
-    dim_t = torch.arange(per_coord, dtype=torch.float32, device=boxes.device)
-    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / per_coord)
-    pos = boxes.float()[..., None] * (2 * math.pi) / dim_t  # [..., 4, per_coord]
-    pos = torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-3)
-    return pos.to(boxes.dtype)
+                    _record_inputs, additive_mask, hf_resnet_config, sine_box_embedding,
+                    thaw_batch_norms)
 
 
 class DeformableDETRAdapter(DetrAdapter):
@@ -68,6 +58,7 @@ class DeformableDETRAdapter(DetrAdapter):
 
         model = DeformableDetrForObjectDetection(config)
         model.model.unfreeze_backbone()  # HF freezes the HF-ResNet stem/stage1 by default
+        thaw_batch_norms(model.model.backbone)  # and its BatchNorm: from scratch, train them
         return cls(model)
 
     @property

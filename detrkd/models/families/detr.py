@@ -34,8 +34,8 @@ from torch import Tensor, nn
 
 from ..attention import dense_attention_map
 from ..base import (DetectorOutput, DetrAdapter, EncoderMemory, PresetSize, Predictions, Queries,
-                    _record_output, additive_mask, forward_hooks, hf_resnet_config)
-from .deformable_detr import sine_box_embedding
+                    _record_output, additive_mask, forward_hooks, hf_resnet_config, sine_box_embedding,
+                    thaw_batch_norms)
 
 Hook = tuple[nn.Module, str, Callable[..., Any]]
 
@@ -110,6 +110,7 @@ class DenseDetrAdapter(DetrAdapter):
             config._attn_implementation = "eager"
         model = cls._model_class()(config)
         model.model.unfreeze_backbone()  # HF freezes the whole HF-ResNet backbone by default
+        thaw_batch_norms(model.model.backbone)  # and its BatchNorm: from scratch, train them
         return cls(model)
 
     @classmethod
