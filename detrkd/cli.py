@@ -6,6 +6,8 @@
     detrkd eval --checkpoint PATH [--data ROOT] [--split val] [--image-size S] [--batch-size B]
                 [--max-images N] [--device D] [--out metrics.json]
     detrkd predict --checkpoint PATH --image IMG --out OUT.png [--threshold 0.3] [--image-size S]
+    detrkd analyze gqs --checkpoint PATH [--data ROOT] [--split val] [--max-images N] [--threshold 0.0]
+                [--out stats.json]   |   ... --image-id ID | --image IMG  --figure OUT.png [--gt-index K]
 
 User errors (missing files, bad configs, bad checkpoints) print one ``detrkd: error: ...`` line and
 exit with status 2; ``--debug`` shows the traceback instead.
@@ -44,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub, common)
     _add_eval(sub, common)
     _add_predict(sub, common)
-    # later: _add_distill(sub, common), _add_analyze(sub, common), _add_bench(sub, common)
+    _add_distill(sub, common)
+    _add_analyze(sub, common)
+    # later: _add_bench(sub, common)
     return parser
 
 
@@ -66,6 +70,22 @@ def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
     train = sub.add_parser("train", parents=[common], help="train a detector",
                            description="Train a detector. Config precedence: --config file < "
                                        "shortcut flags (--family ...) < --set.")
+    _add_run_arguments(train)
+    train.set_defaults(func=cmd_train)
+
+
+def _add_distill(sub: Any, common: argparse.ArgumentParser) -> None:
+    distill = sub.add_parser("distill", parents=[common], help="distil a student from a teacher",
+                             description="Train the configured student (model.*) from a teacher "
+                                         "(--teacher or config key teacher) with the configured "
+                                         "methods. Config precedence: --config < shortcuts < --set.")
+    _add_run_arguments(distill)
+    distill.add_argument("--teacher", help="teacher checkpoint (.pt) or from_pretrained dir (config key teacher)")
+    distill.set_defaults(func=cmd_distill)
+
+
+def _add_run_arguments(train: argparse.ArgumentParser) -> None:
+    """Arguments shared by ``train`` and ``distill``."""
     train.add_argument("--config", type=Path, help="YAML config (see configs/)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set optim.lr=3e-4 (repeatable)")
@@ -80,7 +100,6 @@ def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
     shortcuts.add_argument("--epochs", type=int, help="optim.epochs")
     shortcuts.add_argument("--device", help="device, e.g. cpu or cuda")
     _add_progress_flag(train)
-    train.set_defaults(func=cmd_train)
 
 
 def _add_eval(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -108,6 +127,32 @@ def _add_predict(sub: Any, common: argparse.ArgumentParser) -> None:
     pr.add_argument("--image-size", type=int, help="shorter side fed to the model (default: checkpoint's, else 256)")
     pr.add_argument("--device", default="cpu", help="device (default cpu)")
     pr.set_defaults(func=cmd_predict)
+
+
+def _add_analyze(sub: Any, common: argparse.ArgumentParser) -> None:
+    an = sub.add_parser("analyze", parents=[common], help="analyse a detector's queries")
+    kinds = an.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
+    gqs = kinds.add_parser("gqs", parents=[common],
+                           help="QSKD Table 1 (queries per GT by GIoU), or with --figure its Fig. 1/4")
+    gqs.add_argument("--checkpoint", required=True, type=Path,
+                     help="a detrkd checkpoint (.pt) or a HF from_pretrained directory")
+    gqs.add_argument("--data", help="dataset root (default: the checkpoint's training data)")
+    gqs.add_argument("--split", default="val", choices=("train", "val"), help="split (default val)")
+    gqs.add_argument("--image-size", type=int, help="shorter image side (default: checkpoint's, else 256)")
+    gqs.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
+    gqs.add_argument("--max-images", type=int, help="analyse only the first N images")
+    gqs.add_argument("--threshold", type=float, default=0.0,
+                     help="GQS hard-negative threshold, G > threshold (default 0.0)")
+    gqs.add_argument("--device", default="cpu", help="device (default cpu)")
+    gqs.add_argument("--out", type=Path, help="also write the statistics as JSON to this file")
+    fig = gqs.add_argument_group("figure (draws one image instead of the statistics)")
+    which = fig.add_mutually_exclusive_group()
+    which.add_argument("--image-id", type=int, help="COCO id of the image to draw")
+    which.add_argument("--image", type=Path, help="the image to draw: a file of the split or its file_name")
+    fig.add_argument("--figure", type=Path, help="output PNG")
+    fig.add_argument("--gt-index", type=int, help="the image's GT to analyse (default: the largest)")
+    _add_progress_flag(gqs)
+    gqs.set_defaults(func=cmd_analyze_gqs)
 
 
 def _add_progress_flag(parser: argparse.ArgumentParser) -> None:
@@ -186,7 +231,8 @@ def cmd_data_digits(args: argparse.Namespace) -> int:
 def train_overrides(args: argparse.Namespace) -> list[str | tuple[str, Any]]:
     """Config overrides from the shortcut flags (typed pairs) followed by ``--set`` strings."""
     shortcuts = {"model.family": args.family, "model.preset": args.preset, "data.root": args.data,
-                 "optim.epochs": args.epochs, "device": args.device, "output_dir": args.output_dir}
+                 "optim.epochs": args.epochs, "device": args.device, "output_dir": args.output_dir,
+                 "teacher": getattr(args, "teacher", None)}
     pairs: list[str | tuple[str, Any]] = [(k, v) for k, v in shortcuts.items() if v is not None]
     return pairs + list(args.overrides)
 
@@ -199,6 +245,14 @@ def train_config_source(args: argparse.Namespace) -> Path | None:
     return saved if saved.is_file() else None
 
 
+def print_summary(summary: dict[str, Any]) -> None:
+    """One line: where a training / distillation run stopped and its best val AP."""
+    best = summary["best_metric"]
+    status = "stopped at optim.max_steps" if summary["stopped_early"] else "done"
+    print(f"{status}: {summary['global_step']} steps, epoch {summary['epoch']}, "
+          f"best AP {'n/a' if best is None else f'{best:.4f}'} -> {summary['run_dir']}")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """``detrkd train``."""
     from detrkd.config import load_config
@@ -206,10 +260,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = load_config(train_config_source(args), train_overrides(args))
     summary = train_detector(config, resume=args.resume, progress=_progress(args))
-    best = summary["best_metric"]
-    status = "stopped at optim.max_steps" if summary["stopped_early"] else "done"
-    print(f"{status}: {summary['global_step']} steps, epoch {summary['epoch']}, "
-          f"best AP {'n/a' if best is None else f'{best:.4f}'} -> {summary['run_dir']}")
+    print_summary(summary)
+    return 0
+
+
+# ---- distill --------------------------------------------------------------------------------
+def cmd_distill(args: argparse.Namespace) -> int:
+    """``detrkd distill``."""
+    from detrkd.config import DistillConfig, load_config
+    from detrkd.distill.train import distill_detector
+
+    config = load_config(train_config_source(args), train_overrides(args), schema=DistillConfig)
+    summary = distill_detector(config, resume=args.resume, progress=_progress(args))
+    print_summary(summary)
     return 0
 
 
@@ -296,6 +359,45 @@ def format_stats(stats: dict[str, float]) -> str:
         rows.append(("images", f"{int(stats['num_images'])}"))
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value:>8}" for label, value in rows)
+
+
+# ---- analyze --------------------------------------------------------------------------------
+def cmd_analyze_gqs(args: argparse.Namespace) -> int:
+    """``detrkd analyze gqs``: the Table 1 statistic over a split, or with ``--figure`` Fig. 1/4."""
+    from torch.utils.data import DataLoader
+
+    from detrkd import analysis
+    from detrkd.data.coco import CocoDetection
+    from detrkd.data.collate import collate
+    from detrkd.engine import transforms_for
+
+    if (args.image_id is not None or args.image is not None or args.gt_index is not None) != (args.figure is not None):
+        raise ValueError("a figure needs --figure OUT.png and the image (--image-id ID or --image PATH)")
+    model, run_config = load_for_inference(args.checkpoint, args.device)
+    data = eval_data_config(args, run_config)
+    images, ann = data.split_paths(args.split)
+    dataset = CocoDetection(images, ann, transforms_for(model.family, "val", data))
+    if dataset.num_classes != model.num_classes:
+        raise ValueError(f"the detector has {model.num_classes} classes but {ann} has {dataset.num_classes}")
+    if args.figure is not None:
+        index = analysis.find_image_index(dataset, args.image_id, args.image)
+        summary = analysis.draw_dataset_image(model, dataset, index, args.gt_index, args.figure,
+                                              args.threshold, args.device)
+        for q in summary["queries"]:
+            print(f"{q['kind']}\tquery {q['query']}\tG {q['giou']:.3f}\tscore {q['score']:.3f}")
+        print(f"image {summary['image_id']}, GT {summary['gt_index']}: {summary['selected']} selected "
+              f"queries in the image -> {args.figure}")
+        return 0
+    loader = DataLoader(dataset, batch_size=data.batch_size, shuffle=False, collate_fn=collate)
+    stats = analysis.gqs_statistics(model, loader, args.threshold, max_images=args.max_images,
+                                    device=args.device, progress=_progress(args))
+    print(analysis.format_statistics(stats))
+    if args.out is not None:
+        record = {"checkpoint": str(args.checkpoint), "data": data.root, "annotation_file": ann,
+                  "split": args.split, "image_size": data.image_size, **analysis.statistics_to_json(stats)}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
+    return 0
 
 
 # ---- predict --------------------------------------------------------------------------------

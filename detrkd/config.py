@@ -163,6 +163,24 @@ class TrainConfig:
         _check(self.threads is None or self.threads >= 1, "threads must be >= 1")
 
 
+@dataclass(kw_only=True)
+class DistillConfig(TrainConfig):
+    """Distillation of the ``model`` (the student) from a trained ``teacher``.
+
+    ``methods`` maps a method name of ``detrkd.distill.METHODS`` to its options; the option
+    ``weight`` is the method's lambda (the others go to the method's constructor), e.g.
+    ``{agfd: {weight: 50}, lapd: {weight: 1, layers: all}}``. An empty dict is the no-KD student
+    trained on the same schedule (and with the same data order) as any distilled one.
+    """
+
+    # the teacher: a detrkd checkpoint (.pt) or a HF from_pretrained directory
+    teacher: str
+    # method name -> options ("weight" = lambda); see detrkd.distill.METHODS
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # copy the teacher's weights into the student wherever names and shapes match (QSKD Table 4)
+    init_from_teacher: bool = False
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)

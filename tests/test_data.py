@@ -509,7 +509,7 @@ def test_collate_pads_and_masks():
 
 
 # ---- square inputs for mask-blind families, flips off for digits ----------------------------
-def _target(boxes: list[list[float]]) -> dict[str, Any]:
+def _item_target(boxes: list[list[float]]) -> dict[str, Any]:
     return {"boxes": torch.tensor(boxes), "class_labels": torch.zeros(len(boxes), dtype=torch.long),
             "image_id": 1, "orig_size": torch.tensor([60, 90]), "size": torch.tensor([60, 90])}
 
@@ -518,8 +518,8 @@ def test_square_transforms_give_equal_unpadded_sizes():
     from detrkd.data.transforms import make_transforms
 
     transforms = make_transforms("train", 64, hflip=False, square=True)
-    a = transforms(Image.new("RGB", (90, 60)), _target([[9.0, 6.0, 45.0, 30.0]]))
-    b = transforms(Image.new("RGB", (40, 120)), _target([[0.0, 0.0, 40.0, 120.0]]))
+    a = transforms(Image.new("RGB", (90, 60)), _item_target([[9.0, 6.0, 45.0, 30.0]]))
+    b = transforms(Image.new("RGB", (40, 120)), _item_target([[0.0, 0.0, 40.0, 120.0]]))
     assert a[0].shape == b[0].shape == (3, 64, 64)
     batch = collate([a, b], pad_to_multiple=32)
     assert bool(batch["pixel_mask"].all())  # nothing padded that the model could not see

@@ -12,6 +12,7 @@ internals with forward hooks that are removed when the call returns (``captured_
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator, Literal
@@ -148,6 +149,7 @@ class DetrAdapter(nn.Module):
     """
 
     family: ClassVar[str]
+    hf_classes: ClassVar[tuple[str, str]]  # names in ``transformers``: (config, ...ForObjectDetection)
     model_types: ClassVar[tuple[str, ...]]  # HF config.model_type values this adapter accepts
     class_head: ClassVar[ClassHead]
     attention_kind: ClassVar[Literal["dense", "deformable"]]
@@ -174,6 +176,14 @@ class DetrAdapter(nn.Module):
     @classmethod
     def from_config(cls, config: Any) -> "DetrAdapter":
         raise NotImplementedError
+
+    @classmethod
+    def _config_class(cls) -> type:
+        return getattr(importlib.import_module("transformers"), cls.hf_classes[0])
+
+    @classmethod
+    def _model_class(cls) -> type:
+        return getattr(importlib.import_module("transformers"), cls.hf_classes[1])
 
     # ---- facts ---------------------------------------------------------------------------
     @property

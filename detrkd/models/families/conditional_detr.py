@@ -43,21 +43,14 @@ def _replace_output(value: Tensor):
 class ConditionalDETRAdapter(DenseDetrAdapter):
     """``ConditionalDetrForObjectDetection`` (sigmoid / focal head over C classes)."""
 
+    hf_classes = ("ConditionalDetrConfig", "ConditionalDetrForObjectDetection")
     family = "conditional_detr"
     model_types = ("conditional_detr",)
     class_head = "sigmoid"
 
     @classmethod
     def make_config(cls, size: PresetSize, num_classes: int, **overrides: Any) -> Any:
-        from transformers import ConditionalDetrConfig
-
-        return ConditionalDetrConfig(**{**dense_config_kwargs(size, num_classes), **overrides})
-
-    @classmethod
-    def _model_class(cls) -> type:
-        from transformers import ConditionalDetrForObjectDetection
-
-        return ConditionalDetrForObjectDetection
+        return cls._config_class()(**{**dense_config_kwargs(size, num_classes), **overrides})
 
     def _heads(self, hidden: Tensor, reference: Tensor) -> Predictions:
         """hidden [L, B, Q, D], reference [B, Q, 2] -> Predictions, as the HF detection head does."""

@@ -77,6 +77,7 @@ def fdr_heads(decoder: nn.Module, hidden: Tensor, reference_logits: Tensor) -> P
 
 
 class DFineAdapter(RTDETRAdapter):
+    hf_classes = ("DFineConfig", "DFineForObjectDetection")
     family = "d_fine"
     model_types = ("d_fine",)
     class_head = "sigmoid"
@@ -89,18 +90,6 @@ class DFineAdapter(RTDETRAdapter):
         # keep them constant even if a loader switched every parameter to trainable
         for name in ("up", "reg_scale"):
             getattr(model.model.decoder, name).requires_grad_(False)
-
-    @classmethod
-    def _config_class(cls) -> type:
-        from transformers import DFineConfig
-
-        return DFineConfig
-
-    @classmethod
-    def _model_class(cls) -> type:
-        from transformers import DFineForObjectDetection
-
-        return DFineForObjectDetection
 
     @classmethod
     def _extra_config(cls, size: PresetSize) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from .detr import DenseDetrAdapter, Hook, _check_self_attn_mask, _set_kwarg, den
 class DABDETRAdapter(DenseDetrAdapter):
     """``DabDetrForObjectDetection`` (sigmoid / focal head over C classes)."""
 
+    hf_classes = ("DabDetrConfig", "DabDetrForObjectDetection")
     family = "dab_detr"
     model_types = ("dab-detr",)
     class_head = "sigmoid"
@@ -37,17 +38,9 @@ class DABDETRAdapter(DenseDetrAdapter):
 
     @classmethod
     def make_config(cls, size: PresetSize, num_classes: int, **overrides: Any) -> Any:
-        from transformers import DabDetrConfig
-
         kwargs = dense_config_kwargs(size, num_classes, hidden_key="hidden_size")
         kwargs.pop("attn_implementation")  # DAB's attention is hand-written and always eager
-        return DabDetrConfig(**{**kwargs, **overrides})
-
-    @classmethod
-    def _model_class(cls) -> type:
-        from transformers import DabDetrForObjectDetection
-
-        return DabDetrForObjectDetection
+        return cls._config_class()(**{**kwargs, **overrides})
 
     @property
     def hidden_size(self) -> int:

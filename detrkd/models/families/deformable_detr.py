@@ -26,6 +26,7 @@ from ..base import (DetectorOutput, DetrAdapter, EncoderMemory, PresetSize, Pred
 
 
 class DeformableDETRAdapter(DetrAdapter):
+    hf_classes = ("DeformableDetrConfig", "DeformableDetrForObjectDetection")
     family = "deformable_detr"
     model_types = ("deformable_detr",)
     class_head = "sigmoid"
@@ -33,8 +34,6 @@ class DeformableDETRAdapter(DetrAdapter):
 
     @classmethod
     def make_config(cls, size: PresetSize, num_classes: int, **overrides: Any) -> Any:
-        from transformers import DeformableDetrConfig
-
         levels = overrides.pop("num_feature_levels", 3)
         out_indices = tuple(range(5 - min(levels, 3), 5))  # stages 2..4 feed up to 3 levels
         kwargs = dict(
@@ -50,13 +49,11 @@ class DeformableDETRAdapter(DetrAdapter):
         kwargs.update(overrides)
         if kwargs["two_stage"]:
             kwargs["two_stage_num_proposals"] = kwargs["num_queries"]
-        return DeformableDetrConfig(**kwargs)
+        return cls._config_class()(**kwargs)
 
     @classmethod
     def from_config(cls, config: Any) -> "DeformableDETRAdapter":
-        from transformers import DeformableDetrForObjectDetection
-
-        model = DeformableDetrForObjectDetection(config)
+        model = cls._model_class()(config)
         model.model.unfreeze_backbone()  # HF freezes the HF-ResNet stem/stage1 by default
         thaw_batch_norms(model.model.backbone)  # and its BatchNorm: from scratch, train them
         return cls(model)

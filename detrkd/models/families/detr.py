@@ -113,10 +113,6 @@ class DenseDetrAdapter(DetrAdapter):
         thaw_batch_norms(model.model.backbone)  # and its BatchNorm: from scratch, train them
         return cls(model)
 
-    @classmethod
-    def _model_class(cls) -> type:
-        raise NotImplementedError
-
     # ---- forward ---------------------------------------------------------------------------
     def forward(self, pixel_values: Tensor, pixel_mask: Tensor | None = None,
                 labels: list[dict[str, Tensor]] | None = None, with_attention: bool = False) -> DetectorOutput:
@@ -202,21 +198,14 @@ class DenseDetrAdapter(DetrAdapter):
 class DETRAdapter(DenseDetrAdapter):
     """``DetrForObjectDetection`` (softmax head over C + 1, last = no-object)."""
 
+    hf_classes = ("DetrConfig", "DetrForObjectDetection")
     family = "detr"
     model_types = ("detr",)
     class_head = "softmax"
 
     @classmethod
     def make_config(cls, size: PresetSize, num_classes: int, **overrides: Any) -> Any:
-        from transformers import DetrConfig
-
-        return DetrConfig(**{**dense_config_kwargs(size, num_classes), **overrides})
-
-    @classmethod
-    def _model_class(cls) -> type:
-        from transformers import DetrForObjectDetection
-
-        return DetrForObjectDetection
+        return cls._config_class()(**{**dense_config_kwargs(size, num_classes), **overrides})
 
     def _heads(self, hidden: Tensor) -> Predictions:
         return Predictions(self.model.class_labels_classifier(hidden), self.model.bbox_predictor(hidden).sigmoid())

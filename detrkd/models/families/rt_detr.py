@@ -201,6 +201,7 @@ def v1_deformable_samples(module: nn.Module, query: Tensor,
 
 
 class RTDETRAdapter(DetrAdapter):
+    hf_classes = ("RTDetrConfig", "RTDetrForObjectDetection")
     family = "rt_detr"
     model_types = ("rt_detr",)
     class_head = "sigmoid"
@@ -212,18 +213,6 @@ class RTDETRAdapter(DetrAdapter):
         check_supported_config(model.config)
 
     # ---- construction -------------------------------------------------------------------
-    @classmethod
-    def _config_class(cls) -> type:
-        from transformers import RTDetrConfig
-
-        return RTDetrConfig
-
-    @classmethod
-    def _model_class(cls) -> type:
-        from transformers import RTDetrForObjectDetection
-
-        return RTDetrForObjectDetection
-
     @classmethod
     def _extra_config(cls, size: PresetSize) -> dict[str, Any]:
         return dict(hidden_expansion=0.5)  # RT-DETR-R18's CSP width
@@ -325,20 +314,9 @@ class RTDETRAdapter(DetrAdapter):
 class RTDETRv2Adapter(RTDETRAdapter):
     """RT-DETRv2: same model and decoder wiring as v1; only the deformable attention differs."""
 
+    hf_classes = ("RTDetrV2Config", "RTDetrV2ForObjectDetection")
     family = "rt_detr_v2"
     model_types = ("rt_detr_v2",)
-
-    @classmethod
-    def _config_class(cls) -> type:
-        from transformers import RTDetrV2Config
-
-        return RTDetrV2Config
-
-    @classmethod
-    def _model_class(cls) -> type:
-        from transformers import RTDetrV2ForObjectDetection
-
-        return RTDetrV2ForObjectDetection
 
     @classmethod
     def make_config(cls, size: PresetSize, num_classes: int, **overrides: Any) -> Any:

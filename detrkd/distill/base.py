@@ -1,0 +1,134 @@
+"""The distillation API shared by every method.
+
+A ``Distiller`` holds a frozen teacher, a student and named methods. One training step:
+
+    teacher forward (eval mode, ``torch.no_grad``)  ->  teacher ``DetectorOutput``
+    student forward with labels                      ->  student ``DetectorOutput`` + detection loss
+    each method(context)                             ->  dict of named, weighted loss terms
+
+The total loss is ``detection loss + sum_m weight_m * sum(terms of m)``; every term is reported
+under ``"<method>/<term>"`` already multiplied by its weights, so the logged terms add up to the
+loss. Methods are ``nn.Module``s (their learned parts, e.g. connectors and adapters, are trained
+with the student) with ``forward(ctx: DistillContext) -> dict[str, Tensor]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..models.base import DetectorOutput, DetrAdapter
+from .query_selection import QuerySelection, group_query_selection
+
+
+@dataclass
+class DistillContext:
+    """What a method sees in one step.
+
+    student, teacher:   the two adapters (``teacher.decode`` must be called under no_grad)
+    student_out:        student forward with labels (gradients flow)
+    teacher_out:        teacher forward, no gradients
+    targets:            per image dict(class_labels [n], boxes [n, 4] normalised cxcywh)
+    cache:              per-step scratch space shared by methods (e.g. a GQS result reused by two)
+    """
+
+    student: DetrAdapter
+    teacher: DetrAdapter
+    student_out: DetectorOutput
+    teacher_out: DetectorOutput
+    targets: list[dict[str, Tensor]]
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    def selection(self, who: Literal["teacher", "student"], layer: int = -1,
+                  threshold: float = 0.0) -> QuerySelection:
+        """Group Query Selection of one model's decoder layer vs GT (on detached predictions),
+        computed once per step and shared by every method that asks for the same one."""
+        out = self.teacher_out if who == "teacher" else self.student_out
+        layer = layer % out.predictions.num_layers
+        key = f"gqs/{who}/layer{layer}/threshold{float(threshold)}"
+        if key not in self.cache:
+            logits, boxes = out.predictions.layer(layer)
+            self.cache[key] = group_query_selection(logits.detach(), boxes.detach(), self.targets,
+                                                    out.class_head, threshold=threshold)
+        return self.cache[key]
+
+
+class DistillMethod(nn.Module):
+    """Base class of a distillation method: ``forward(ctx) -> {term: weighted loss}``.
+
+    Class attributes tell the ``Distiller`` what the forward passes must produce.
+    """
+
+    needs_teacher_attention: ClassVar[bool] = False
+    needs_student_attention: ClassVar[bool] = False
+
+    def forward(self, ctx: DistillContext) -> dict[str, Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class Distiller(nn.Module):
+    """Teacher + student + methods; ``forward(batch) -> (loss, terms)`` drives the training engine.
+
+    methods: name -> method; weights: name -> lambda (default 1.0) applied to all its terms.
+    The teacher is frozen (``requires_grad=False``) and stays in eval mode whatever ``train()``
+    is called with.
+    """
+
+    def __init__(self, teacher: DetrAdapter, student: DetrAdapter, methods: dict[str, DistillMethod],
+                 weights: dict[str, float] | None = None):
+        super().__init__()
+        check_compatible(teacher, student)
+        unknown = set(weights or {}) - set(methods)
+        if unknown:
+            raise ValueError(f"weights given for unknown methods {sorted(unknown)}; methods: {sorted(methods)}")
+        self.teacher = teacher.requires_grad_(False).eval()
+        self.student = student
+        self.methods = nn.ModuleDict(methods)
+        self.weights = {name: float((weights or {}).get(name, 1.0)) for name in methods}
+
+    def train(self, mode: bool = True) -> "Distiller":
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """The learned parts besides the student (connectors, adapters, sampling modules)."""
+        return {name: m for name, m in self.methods.items() if any(True for _ in m.parameters())}
+
+    def forward(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """batch: ``collate`` output -> (total loss, {term name: weighted term})."""
+        pixel_values, pixel_mask, targets = batch["pixel_values"], batch["pixel_mask"], batch["labels"]
+        with torch.no_grad():
+            teacher_out = self.teacher(pixel_values, pixel_mask, with_attention=self._needs("teacher"))
+        student_out = self.student(pixel_values, pixel_mask, labels=targets,
+                                   with_attention=self._needs("student"))
+        terms = {"det/loss": student_out.loss}
+        ctx = DistillContext(self.student, self.teacher, student_out, teacher_out, targets)
+        for name, method in self.methods.items():
+            for term, value in method(ctx).items():
+                terms[f"{name}/{term}"] = self.weights[name] * value
+        return torch.stack(list(terms.values())).sum(), terms
+
+    def _needs(self, who: str) -> bool:
+        return any(getattr(m, f"needs_{who}_attention") for m in self.methods.values())
+
+
+def check_compatible(teacher: DetrAdapter, student: DetrAdapter) -> None:
+    """Teacher and student must predict the same classes (names too, when both have them)."""
+    if teacher.num_classes != student.num_classes:
+        raise ValueError(f"teacher ({teacher.family}) predicts {teacher.num_classes} classes but the student "
+                         f"({student.family}) predicts {student.num_classes}: distillation needs the same class set")
+    names = [_class_names(m) for m in (teacher, student)]
+    if all(names) and names[0] != names[1]:
+        raise ValueError(f"teacher and student class names differ: teacher {names[0]}, student {names[1]}")
+
+
+def _class_names(model: DetrAdapter) -> dict[int, str] | None:
+    """``id2label`` of the HF config, or None when it only holds HF's defaults ("LABEL_i")."""
+    names = {int(k): str(v) for k, v in (getattr(model.config, "id2label", None) or {}).items()}
+    if not names or all(v == f"LABEL_{k}" for k, v in names.items()):
+        return None
+    return names

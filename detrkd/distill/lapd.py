@@ -1,0 +1,268 @@
+"""Local-Alignment Prediction Distillation (LAPD), QSKD Sec. 3.4, Eq. 7.
+
+Group Query Selection (GQS) runs on the teacher's and on the student's predictions of a decoder
+layer (same ground truth). Aligned (teacher, student) pairs, per image:
+
+- positives: for each GT, the teacher's positive <-> the student's positive (if both exist);
+- hard negatives: for each GT, the teacher's hard negatives of that GT are Hungarian-matched to the
+  student's hard negatives of that GT (never across GTs). ``per_image=True`` puts all hard
+  negatives of an image in ONE problem (a public re-implementation's variant; the paper says per GT);
+- easy negatives (Table 6's Q^en, off by default): the teacher's easy negatives Hungarian-matched
+  to the student's easy negatives, one problem per image (images without GT included).
+
+The matching cost is class + L1 + GIoU between the two predictions (``pairwise_cost`` in
+prediction-vs-prediction mode, weights 1/5/2): ONE [B, Qt, Qs] tensor for the batch, copied to
+the CPU once; each (image, group) sub-block is sliced in numpy and solved with
+``detrkd.matching.linear_assignment`` (one solver call per problem with both sides non-empty).
+With different class heads (softmax teacher, sigmoid student, or the reverse) the class cost is
+the L1 distance of the C real-class probability vectors; with equal heads it is ``pairwise_cost``'s
+native one (softmax vectors include the no-object entry).
+
+The loss on the P pairs is ``pair_losses`` (class KD + L1 + GIoU, weights 1/5/2). Decisions:
+- class KD default "bce": binary cross-entropy of the student's per-class probabilities against
+  the teacher's (as in QSKD/DETRDistill); its minimum is the teacher's binary entropy, not 0
+  (the gradient is 0 there); "kl" = temperature-scaled KL over the real classes (0 at equality).
+- normalisation: per layer by the number of pairs of that layer (``normalise="pairs"``, default)
+  or by the number of GTs in the batch (``"gt"``); the layers' terms are summed (as DETR sums its
+  auxiliary decoder losses) or averaged (``layer_reduction="mean"``).
+- ``layers="all"``: student layer i vs teacher layer round_half_up(i * (Lt - 1) / (Ls - 1)) (equal
+  counts: i vs i; the last student layer always meets the teacher's last; one student layer -> the
+  teacher's last); ``pairing="last"``: every student layer vs the teacher's last layer.
+- GQS results come from ``ctx.selection`` (computed once per step, shared with AGFD). Only detection queries are distilled (denoising queries have no counterpart).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Literal, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import matching
+from ..matching import CostWeights, pairwise_cost
+from ..models.base import ClassHead
+from .base import DistillContext, DistillMethod
+from .losses import ClassKD, class_probabilities, pair_losses
+from .query_selection import QuerySelection
+
+PairKind = Literal["positive", "hard_negative", "easy_negative"]
+KINDS: tuple[PairKind, ...] = ("positive", "hard_negative", "easy_negative")
+_KIND_ALIASES: dict[str, PairKind] = {
+    "positive": "positive", "positives": "positive", "pos": "positive",
+    "hard": "hard_negative", "hard_negative": "hard_negative", "hard_negatives": "hard_negative",
+    "easy": "easy_negative", "easy_negative": "easy_negative", "easy_negatives": "easy_negative",
+}
+DEFAULT_KINDS = "positives+hard"
+
+# (image, teacher query indices [n_t], student query indices [n_s]) of one assignment problem
+Block = tuple[int, np.ndarray, np.ndarray]
+
+
+class Alignment(NamedTuple):
+    """P aligned pairs as flat indices over (image, query): ``teacher`` [P] = b * Qt + q_t,
+    ``student`` [P] = b * Qs + q_s (long, on the predictions' device). Gather with
+    ``x.flatten(0, 1)[index]``. Order: positives, then hard negatives, then easy negatives."""
+
+    teacher: Tensor
+    student: Tensor
+
+
+def parse_kinds(kinds: str | Sequence[str]) -> tuple[PairKind, ...]:
+    """"positives+hard" / ("positive", "hard") / "easy" ... -> canonical kinds in ``KINDS`` order."""
+    tokens = kinds.split("+") if isinstance(kinds, str) else [t for k in kinds for t in str(k).split("+")]
+    names = set()
+    for token in tokens:
+        name = _KIND_ALIASES.get(token.strip().lower())
+        if name is None:
+            raise ValueError(f"unknown LAPD pair kind {token!r}; use positives, hard, easy "
+                             f"(joined with '+', or a list)")
+        names.add(name)
+    if not names:
+        raise ValueError("LAPD needs at least one pair kind")
+    return tuple(k for k in KINDS if k in names)
+
+
+@torch.no_grad()
+def prediction_cost(teacher_logits: Tensor, teacher_boxes: Tensor, student_logits: Tensor,
+                    student_boxes: Tensor, heads: tuple[ClassHead, ClassHead],
+                    weights: CostWeights | tuple[float, float, float] = CostWeights()) -> Tensor:
+    """Teacher-vs-student matching cost, detached float32.
+
+    teacher_logits [B, Qt, Kt], teacher_boxes [B, Qt, 4], student_logits [B, Qs, Ks],
+    student_boxes [B, Qs, 4]; heads = (teacher head, student head) -> [B, Qt, Qs].
+    Mixed heads: both sides become real-class probabilities [.., C], passed to ``pairwise_cost``
+    as sigmoid logits (sigmoid(logit(p)) = p), so the class cost is their L1 distance.
+    """
+    t, s = teacher_logits.detach().float(), student_logits.detach().float()
+    head = heads[0]
+    if heads[0] != heads[1]:
+        t = torch.logit(class_probabilities(t, heads[0]), eps=1e-6)
+        s = torch.logit(class_probabilities(s, heads[1]), eps=1e-6)
+        head = "sigmoid"
+    return pairwise_cost(t, teacher_boxes.detach().float(), s, student_boxes.detach().float(), head, weights)
+
+
+def local_alignment(teacher_sel: QuerySelection, student_sel: QuerySelection, teacher_logits: Tensor,
+                    teacher_boxes: Tensor, student_logits: Tensor, student_boxes: Tensor,
+                    heads: tuple[ClassHead, ClassHead], per_image: bool = False,
+                    kinds: str | Sequence[str] = DEFAULT_KINDS,
+                    cost_weights: CostWeights | tuple[float, float, float] = CostWeights()) -> Alignment:
+    """LAPD pairs for a batch (module docstring: the rules).
+
+    teacher_sel / student_sel: GQS of teacher_logits [B, Qt, Kt] / boxes [B, Qt, 4] and of
+    student_logits [B, Qs, Ks] / boxes [B, Qs, 4] against the same targets; heads = (teacher,
+    student). The cost tensor is computed only when some assignment problem is non-empty.
+    """
+    _check_selections(teacher_sel, student_sel, teacher_logits.shape[:2], student_logits.shape[:2])
+    kinds = parse_kinds(kinds)
+    t_sel, s_sel = _to_cpu(teacher_sel), _to_cpu(student_sel)
+    parts = [_positive_pairs(t_sel, s_sel)] if "positive" in kinds else []
+    blocks = list(_hard_blocks(t_sel, s_sel, per_image)) if "hard_negative" in kinds else []
+    blocks += list(_image_blocks(t_sel, s_sel, "easy_negative")) if "easy_negative" in kinds else []
+    if blocks:
+        cost = prediction_cost(teacher_logits, teacher_boxes, student_logits, student_boxes, heads, cost_weights)
+        parts.append(_solve_blocks(cost.cpu().numpy(), blocks))
+    return _flat_alignment(parts, teacher_logits.shape[1], student_logits.shape[1], teacher_logits.device)
+
+
+def _check_selections(t_sel: QuerySelection, s_sel: QuerySelection, t_shape: torch.Size,
+                      s_shape: torch.Size) -> None:
+    if tuple(t_sel.group.shape) != tuple(t_shape) or tuple(s_sel.group.shape) != tuple(s_shape):
+        raise ValueError(f"selections {tuple(t_sel.group.shape)} / {tuple(s_sel.group.shape)} do not fit "
+                         f"the predictions {tuple(t_shape)} / {tuple(s_shape)}")
+    if not torch.equal(t_sel.num_gt.cpu(), s_sel.num_gt.cpu()):
+        raise ValueError("teacher and student selections were computed against different targets")
+
+
+def _to_cpu(sel: QuerySelection) -> QuerySelection:
+    """The selection with every tensor on the CPU (the per-group index lists are built there)."""
+    return dataclasses.replace(sel, **{f.name: getattr(sel, f.name).cpu() for f in dataclasses.fields(sel)
+                                       if isinstance(getattr(sel, f.name), Tensor)})
+
+
+def _positive_pairs(t_sel: QuerySelection, s_sel: QuerySelection) -> tuple[np.ndarray, ...]:
+    """(image [P], teacher query [P], student query [P]) of the GTs positive on both sides."""
+    t_pos, s_pos = t_sel.positive_index, s_sel.positive_index  # [B, T]
+    img, gt = ((t_pos >= 0) & (s_pos >= 0)).nonzero(as_tuple=True)
+    return img.numpy(), t_pos[img, gt].numpy(), s_pos[img, gt].numpy()
+
+
+def _hard_blocks(t_sel: QuerySelection, s_sel: QuerySelection, per_image: bool) -> Iterator[Block]:
+    """Hard-negative problems: one per (image, GT) with hard negatives on both sides, or per image."""
+    if per_image:
+        yield from _image_blocks(t_sel, s_sel, "hard_negative")
+        return
+    t_groups, s_groups = t_sel.group_indices("hard_negative"), s_sel.group_indices("hard_negative")
+    for b, (t_img, s_img) in enumerate(zip(t_groups, s_groups)):
+        for t, s in zip(t_img, s_img):
+            if len(t) and len(s):
+                yield b, t.numpy(), s.numpy()
+
+
+def _image_blocks(t_sel: QuerySelection, s_sel: QuerySelection, kind: PairKind) -> Iterator[Block]:
+    """One problem per image: all its teacher vs all its student queries of ``kind``."""
+    for b, (t, s) in enumerate(zip(t_sel.selected_indices(kind), s_sel.selected_indices(kind))):
+        if len(t) and len(s):
+            yield b, t.numpy(), s.numpy()
+
+
+def _solve_blocks(cost: np.ndarray, blocks: list[Block]) -> tuple[np.ndarray, ...]:
+    """cost [B, Qt, Qs] numpy; one ``linear_assignment`` per block -> (image, teacher, student) [P]."""
+    img, teacher, student = [], [], []
+    for b, t, s in blocks:
+        rows, cols = matching.linear_assignment(cost[b][np.ix_(t, s)])
+        img.append(np.full(len(rows), b, dtype=np.int64))
+        teacher.append(t[rows])
+        student.append(s[cols])
+    return np.concatenate(img), np.concatenate(teacher), np.concatenate(student)
+
+
+def _flat_alignment(parts: list[tuple[np.ndarray, ...]], qt: int, qs: int, device: torch.device) -> Alignment:
+    if not parts:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return Alignment(empty, empty.clone())
+    img, teacher, student = (torch.from_numpy(np.concatenate(x).astype(np.int64)) for x in zip(*parts))
+    return Alignment((img * qt + teacher).to(device), (img * qs + student).to(device))
+
+
+def layer_pairs(num_student: int, num_teacher: int, layers: str = "last",
+                pairing: str = "index") -> list[tuple[int, int]]:
+    """(student layer, teacher layer) pairs, non-negative indices (module docstring: the rule)."""
+    if layers == "last":
+        return [(num_student - 1, num_teacher - 1)]
+    if pairing == "last" or num_student == 1:
+        return [(i, num_teacher - 1) for i in range(num_student)]
+    span_s, span_t = num_student - 1, num_teacher - 1
+    # floor(i * span_t / span_s + 1/2) in integers: half-way cases go to the later teacher layer
+    return [(i, (2 * i * span_t + span_s) // (2 * span_s)) for i in range(num_student)]
+
+
+class LAPD(DistillMethod):
+    """Local-Alignment Prediction Distillation; ``forward(ctx) -> {"cls", "l1", "giou"}``.
+
+    threshold: GQS hard-negative threshold (Table 6: 0.5 / 0.1 / 0.0); per_image: one hard-negative
+    problem per image instead of per GT; kinds: pair kinds (Table 6), e.g. "positives+hard"
+    (default), "positives", "hard", "easy", or a list; layers: "last" | "all"; pairing: "index" |
+    "last" (for layers="all"); weights: loss (class, L1, GIoU); cost_weights: matching cost
+    (class, L1, GIoU); class_kd: "bce" | "kl"; temperature: for "kl"; normalise: "pairs" | "gt";
+    layer_reduction: "sum" | "mean". ``teacher`` / ``student`` are accepted (and unused) so that
+    ``build_methods`` can construct it as ``LAPD(teacher, student, **options)``.
+    """
+
+    def __init__(self, teacher: object = None, student: object = None, *, threshold: float = 0.0,
+                 per_image: bool = False, kinds: str | Sequence[str] = DEFAULT_KINDS,
+                 layers: Literal["last", "all"] = "last", pairing: Literal["index", "last"] = "index",
+                 weights: Sequence[float] = (1.0, 5.0, 2.0), cost_weights: Sequence[float] = (1.0, 5.0, 2.0),
+                 class_kd: ClassKD = "bce", temperature: float = 1.0,
+                 normalise: Literal["pairs", "gt"] = "pairs", layer_reduction: Literal["sum", "mean"] = "sum"):
+        super().__init__()
+        _check_choice("layers", layers, ("last", "all"))
+        _check_choice("pairing", pairing, ("index", "last"))
+        _check_choice("class_kd", class_kd, ("bce", "kl"))
+        _check_choice("normalise", normalise, ("pairs", "gt"))
+        _check_choice("layer_reduction", layer_reduction, ("sum", "mean"))
+        if len(weights) != 3 or len(cost_weights) != 3:
+            raise ValueError("weights and cost_weights are (class, L1, GIoU) triples")
+        self.threshold, self.per_image, self.kinds = float(threshold), bool(per_image), parse_kinds(kinds)
+        self.layers, self.pairing = layers, pairing
+        self.weights = tuple(float(w) for w in weights)
+        self.cost_weights = CostWeights(*(float(w) for w in cost_weights))
+        self.class_kd, self.temperature = class_kd, float(temperature)
+        self.normalise, self.layer_reduction = normalise, layer_reduction
+
+    def forward(self, ctx: DistillContext) -> dict[str, Tensor]:
+        pairs = layer_pairs(ctx.student_out.predictions.num_layers, ctx.teacher_out.predictions.num_layers,
+                            self.layers, self.pairing)
+        per_layer = [self.layer_loss(ctx, s, t) for s, t in pairs]
+        scale = 1.0 / len(pairs) if self.layer_reduction == "mean" else 1.0
+        return {k: scale * torch.stack([terms[k] for terms in per_layer]).sum() for k in ("cls", "l1", "giou")}
+
+    def layer_loss(self, ctx: DistillContext, student_layer: int, teacher_layer: int) -> dict[str, Tensor]:
+        """Weighted {"cls", "l1", "giou"} of one (student layer, teacher layer) pair."""
+        s_logits, s_boxes = ctx.student_out.predictions.layer(student_layer)  # [B, Qs, Ks], [B, Qs, 4]
+        t_logits, t_boxes = ctx.teacher_out.predictions.layer(teacher_layer)  # [B, Qt, Kt], [B, Qt, 4]
+        heads = (ctx.teacher_out.class_head, ctx.student_out.class_head)
+        align = local_alignment(ctx.selection("teacher", teacher_layer, self.threshold),
+                                ctx.selection("student", student_layer, self.threshold), t_logits, t_boxes,
+                                s_logits.detach(), s_boxes.detach(), heads, self.per_image, self.kinds,
+                                self.cost_weights)
+        normaliser = None if self.normalise == "pairs" else max(sum(len(t["boxes"]) for t in ctx.targets), 1)
+        return pair_losses(_gather(s_logits, align.student), _gather(s_boxes, align.student),
+                           _gather(t_logits, align.teacher), _gather(t_boxes, align.teacher), heads[1], heads[0],
+                           self.weights, self.class_kd, self.temperature, normaliser=normaliser)
+
+    def extra_repr(self) -> str:
+        return (f"threshold={self.threshold}, per_image={self.per_image}, kinds={'+'.join(self.kinds)}, "
+                f"layers={self.layers}, pairing={self.pairing}, class_kd={self.class_kd}")
+
+
+def _gather(x: Tensor, flat_index: Tensor) -> Tensor:
+    """[B, Q, D] -> [P, D] rows at flat (image * Q + query) indices."""
+    return x.flatten(0, 1)[flat_index]
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"LAPD {name} must be one of {choices}, got {value!r}")

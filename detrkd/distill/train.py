@@ -1,0 +1,98 @@
+"""``detrkd distill``: train a student from a teacher with the configured methods.
+
+The loop is the plain training engine (``detrkd.engine.Trainer``) with ``Distiller`` as the loss;
+progress, metrics log, evaluation of the student, atomic checkpoints and exact resume are shared.
+Learned parts of the methods (connectors, adapters) are checkpointed as extra modules.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, DistillConfig
+from ..models import DetrAdapter, load_detector
+from .base import DistillMethod, Distiller
+
+log = logging.getLogger(__name__)
+
+# method name -> "module:Class" in detrkd.distill; each class is built as Class(teacher, student, **options)
+METHODS: dict[str, str] = {
+    "agfd": "agfd:AGFD",
+    "lapd": "lapd:LAPD",
+}
+
+
+def method_class(name: str) -> type[DistillMethod]:
+    if name not in METHODS:
+        raise ConfigError(f"unknown distillation method {name!r}; choose from {sorted(METHODS)}")
+    module, cls = METHODS[name].split(":")
+    return getattr(importlib.import_module(f"{__package__}.{module}"), cls)
+
+
+def build_methods(specs: dict[str, dict[str, Any]], teacher: DetrAdapter,
+                  student: DetrAdapter) -> tuple[dict[str, DistillMethod], dict[str, float]]:
+    """(methods, weights) from the config's ``methods`` mapping; bad options name the key."""
+    methods, weights = {}, {}
+    for name, options in specs.items():
+        options = dict(options or {})
+        weights[name] = float(options.pop("weight", 1.0))
+        cls = method_class(name)
+        try:
+            inspect.signature(cls).bind(teacher, student, **options)
+        except TypeError as exc:
+            valid = [p for p in inspect.signature(cls).parameters if p not in ("teacher", "student")]
+            raise ConfigError(f"methods.{name}: {exc}; valid options: weight, {', '.join(valid)}") from None
+        methods[name] = cls(teacher, student, **options)
+    return methods, weights
+
+
+def init_from_teacher(student: nn.Module, teacher: nn.Module) -> int:
+    """Copy every teacher tensor whose name and shape match the student's; returns the count."""
+    teacher_state = teacher.state_dict()
+    student_state = student.state_dict()
+    copied = {k: v for k, v in teacher_state.items()
+              if k in student_state and student_state[k].shape == v.shape}
+    student.load_state_dict(copied, strict=False)
+    return len(copied)
+
+
+def load_teacher(config: DistillConfig, num_classes: int) -> DetrAdapter:
+    teacher = load_detector(config.teacher)
+    if teacher.num_classes != num_classes:
+        raise ConfigError(f"teacher {config.teacher} predicts {teacher.num_classes} classes, "
+                          f"the data has {num_classes}")
+    return teacher
+
+
+def distill_detector(config: DistillConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Distil the configured student from ``config.teacher``; returns ``Trainer.summary()``."""
+    from ..data.collate import collate
+    from ..engine import (Trainer, check_run_dir, detector_param_groups, make_datasets, make_detector,
+                          make_eval_fn, named_param_groups, setup_runtime)
+    from pathlib import Path
+
+    check_run_dir(Path(config.output_dir), resume)
+    setup_runtime(config)
+    data = make_datasets(config)
+    num_classes = data["train"].num_classes
+    student = make_detector(config, num_classes, data["train"].class_names)
+    teacher = load_teacher(config, num_classes)
+    if config.init_from_teacher and not resume:
+        log.info("init_from_teacher: copied %d tensors", init_from_teacher(student, teacher))
+    methods, weights = build_methods(config.methods, teacher, student)
+    distiller = Distiller(teacher, student, methods, weights).to(torch.device(config.device))
+    extra = distiller.trainable_modules()
+    groups = detector_param_groups(student, config.optim)
+    for name, module in extra.items():
+        groups += named_param_groups(f"distill/{name}", module.named_parameters(),
+                                     config.optim.lr, config.optim.weight_decay)
+    evaluate_fn = make_eval_fn(config, data["val"], progress) if len(data["val"]) else None
+    trainer = Trainer(student, distiller, groups, data["train"], collate, config,
+                      evaluate_fn=evaluate_fn, extra_modules=extra, progress=progress)
+    return trainer.fit(resume=resume)

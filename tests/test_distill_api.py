@@ -1,0 +1,159 @@
+"""The distillation API (``Distiller``), its config and the ``detrkd distill`` command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor
+
+from detrkd.config import ConfigError, DistillConfig, load_config
+from detrkd.distill.base import DistillContext, DistillMethod, Distiller
+from detrkd.distill.train import build_methods, init_from_teacher
+from detrkd.models import build_detector, save_detector
+
+
+class FinalBoxMSE(DistillMethod):
+    """A minimal method for API tests: MSE of the first k final-layer boxes (query i to i)."""
+
+    def __init__(self, teacher=None, student=None, k: int = 5, scale: float = 1.0):
+        super().__init__()
+        self.k, self.scale = k, scale
+
+    def forward(self, ctx: DistillContext) -> dict[str, Tensor]:
+        s = ctx.student_out.predictions.boxes[-1, :, : self.k]
+        t = ctx.teacher_out.predictions.boxes[-1, :, : self.k]
+        return {"mse": self.scale * (s - t).pow(2).mean()}
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch.manual_seed(0)
+    teacher = build_detector("rt_detr", "tiny", 4, num_queries=20)
+    student = build_detector("rt_detr", "tiny", 4, num_queries=10, d_model=32, encoder_hidden_dim=32,
+                             decoder_in_channels=[32, 32, 32])
+    return teacher, student
+
+
+@pytest.fixture(scope="module")
+def batch():
+    torch.manual_seed(1)
+    return {"pixel_values": torch.randn(2, 3, 64, 64), "pixel_mask": torch.ones(2, 64, 64, dtype=torch.long),
+            "labels": [{"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]])},
+                       {"class_labels": torch.tensor([2, 3]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2],
+                                                                                       [0.7, 0.6, 0.2, 0.3]])}]}
+
+
+def test_terms_are_named_weighted_and_sum_to_the_loss(pair, batch):
+    teacher, student = pair
+    distiller = Distiller(teacher, student, {"boxes": FinalBoxMSE()}, {"boxes": 3.0}).train()
+    loss, terms = distiller(batch)
+    assert set(terms) == {"det/loss", "boxes/mse"}
+    torch.testing.assert_close(loss, terms["det/loss"] + terms["boxes/mse"])
+    unweighted = Distiller(teacher, student, {"boxes": FinalBoxMSE()}).train()
+    torch.manual_seed(2)
+    _, a = unweighted(batch)
+    torch.manual_seed(2)
+    _, b = distiller(batch)
+    torch.testing.assert_close(b["boxes/mse"], 3.0 * a["boxes/mse"])
+
+
+def test_teacher_is_frozen_and_stays_in_eval_mode(pair, batch):
+    teacher, student = pair
+    distiller = Distiller(teacher, student, {"boxes": FinalBoxMSE()})
+    distiller.train()
+    assert not teacher.training and student.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    loss, _ = distiller(batch)
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None for p in student.parameters())
+
+
+def test_no_methods_is_plain_detection_training(pair, batch):
+    teacher, student = pair
+    distiller = Distiller(teacher, student, {}).train()
+    torch.manual_seed(3)
+    loss, terms = distiller(batch)
+    torch.manual_seed(3)
+    own = student(batch["pixel_values"], batch["pixel_mask"], labels=batch["labels"]).loss
+    assert list(terms) == ["det/loss"]
+    torch.testing.assert_close(loss, own)
+
+
+def test_class_sets_must_agree(pair):
+    teacher, _ = pair
+    other = build_detector("rt_detr", "tiny", 7)
+    with pytest.raises(ValueError, match="predicts 4 classes but the student .* predicts 7"):
+        Distiller(teacher, other, {})
+    renamed = build_detector("rt_detr", "tiny", 4, id2label={0: "a", 1: "b", 2: "c", 3: "d"})
+    with pytest.raises(ValueError, match="class names differ"):
+        Distiller(teacher, renamed, {})
+
+
+def test_weights_for_unknown_methods_are_rejected(pair):
+    teacher, student = pair
+    with pytest.raises(ValueError, match="unknown methods"):
+        Distiller(teacher, student, {"boxes": FinalBoxMSE()}, {"boxe": 1.0})
+
+
+def test_build_methods_names_bad_options(pair, monkeypatch):
+    import detrkd.distill.train as train
+
+    teacher, student = pair
+    monkeypatch.setattr(train, "method_class", lambda name: FinalBoxMSE)
+    methods, weights = build_methods({"boxes": {"weight": 2, "k": 3}}, teacher, student)
+    assert weights == {"boxes": 2.0} and methods["boxes"].k == 3
+    with pytest.raises(ConfigError, match=r"methods\.boxes: .*valid options: weight, k, scale"):
+        build_methods({"boxes": {"kk": 3}}, teacher, student)
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="unknown distillation method 'nope'"):
+        build_methods({"nope": {}}, teacher, student)
+
+
+def test_init_from_teacher_copies_matching_tensors():
+    torch.manual_seed(0)
+    teacher = build_detector("rt_detr", "tiny", 4)
+    student = build_detector("rt_detr", "tiny", 4)
+    narrow = build_detector("rt_detr", "tiny", 4, decoder_layers=1)
+    assert init_from_teacher(student, teacher) == len(teacher.state_dict())
+    for key, value in teacher.state_dict().items():
+        torch.testing.assert_close(student.state_dict()[key], value)
+    copied = init_from_teacher(narrow, teacher)
+    assert 0 < copied < len(teacher.state_dict())
+
+
+def test_distill_config_rejects_unknown_keys():
+    base = {"model": {"family": "rt_detr", "preset": "tiny"}, "data": {"root": "d"}, "teacher": "t.pt"}
+    config = load_config({**base, "methods": {"agfd": {"weight": 50}}}, schema=DistillConfig)
+    assert config.methods == {"agfd": {"weight": 50}} and config.teacher == "t.pt"
+    with pytest.raises(ConfigError, match="teachr"):
+        load_config({**base, "teachr": "x"}, schema=DistillConfig)
+
+
+def test_cli_distill_runs_and_resumes(tmp_path: Path, capsys):
+    from detrkd.cli import main
+    from detrkd.data.digits import make_digits_dataset
+
+    make_digits_dataset(tmp_path / "data", train_images=4, val_images=2, image_size=64)
+    torch.manual_seed(0)
+    save_detector(build_detector("rt_detr", "tiny", 10), tmp_path / "teacher")
+    config = {"model": {"family": "rt_detr", "preset": "tiny", "num_queries": 10},
+              "data": {"root": str(tmp_path / "data"), "image_size": 64, "batch_size": 2, "hflip": False},
+              "optim": {"epochs": 2, "warmup_steps": 1}, "teacher": str(tmp_path / "teacher"),
+              "methods": {}, "output_dir": str(tmp_path / "run"), "log_every_steps": 1,
+              "checkpoint_every_steps": 1}
+    (tmp_path / "distill.yaml").write_text(json.dumps(config))
+    args = ["distill", "--config", str(tmp_path / "distill.yaml"), "--no-progress"]
+    assert main(args + ["--set", "optim.max_steps=2"]) == 0
+    assert main(args + ["--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "stopped at optim.max_steps: 2 steps" in out and "done: 4 steps" in out
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3, 4]
+    assert "det/loss" in records[0]
+    assert main(args + ["--set", "teacher=" + str(tmp_path / "missing"), "--output-dir",
+                        str(tmp_path / "run2")]) == 2
+    assert "missing" in capsys.readouterr().err
