@@ -196,13 +196,13 @@ def test_grid_mismatch_raises_naming_both_shapes():
 def test_connector_only_when_widths_differ_and_adapter_at_teacher_width():
     teacher = build_detector("rt_detr", "tiny", NUM_CLASSES, d_model=128)
     student = build_detector("rt_detr", "tiny", NUM_CLASSES)
-    m = AGFD(teacher, student)
+    m = AGFD(teacher, student, adapter=True)
     assert (m.connector.in_features, m.connector.out_features) == (64, 128)
     assert m.adapter.attn.embed_dim == 128 and m.adapter.attn.num_heads == teacher.config.encoder_attention_heads
     assert m.adapter.ffn[0].out_features == teacher.config.encoder_ffn_dim
     assert AGFD(student, student).connector is None
-    assert AGFD(student, student, adapter=False).adapter is None
-    assert AGFD(96, 64, adapter_heads=5).adapter.attn.num_heads == 1  # gcd(96, 5)
+    assert AGFD(student, student).adapter is None  # off by default (equal encoder depth)
+    assert AGFD(96, 64, adapter=True, adapter_heads=5).adapter.attn.num_heads == 1  # gcd(96, 5)
     out = m.student_features(torch.randn(2, 21, 64), torch.tensor([[4, 4], [2, 2], [1, 1]]),
                              torch.zeros(2, 21, dtype=torch.bool))
     assert out.shape == (2, 21, 128) and torch.isfinite(out).all()
@@ -236,7 +236,7 @@ def test_distiller_step(family, t_over, s_over, padded):
     torch.manual_seed(0)
     teacher = build_detector(family, "tiny", NUM_CLASSES, **t_over)
     student = build_detector(family, "tiny", NUM_CLASSES, **s_over)
-    method = AGFD(teacher, student)
+    method = AGFD(teacher, student, adapter=True)
     distiller = Distiller(teacher, student, {"agfd": method}, {"agfd": 50.0}).train()
     b = batch(padded)
     loss, terms = distiller(b)
