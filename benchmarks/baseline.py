@@ -71,8 +71,9 @@ def train_minutes(run_dir: Path) -> float:
     return seconds / 60
 
 
-def role_row(config_path: Path, run_dir: Path) -> dict[str, Any]:
-    config = yaml.safe_load(config_path.read_text())
+def role_row(run_dir: Path) -> dict[str, Any]:
+    """One role's entry, from the run's resolved ``config.yaml`` and ``eval_val.json``."""
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
     stats = json.loads((run_dir / "eval_val.json").read_text())
     return {
         "family": config["model"]["family"], "preset": config["model"]["preset"],
@@ -80,7 +81,8 @@ def role_row(config_path: Path, run_dir: Path) -> dict[str, Any]:
         "images_per_sec": round(stats["images_per_sec"], 2), "val_images": stats["num_images"],
         "train_minutes": round(train_minutes(run_dir), 1),
         "epochs": config["optim"]["epochs"], "batch_size": config["data"]["batch_size"],
-        "image_size": config["data"]["image_size"], "run_dir": str(run_dir.relative_to(ROOT)),
+        "image_size": config["data"]["image_size"], "threads": config["threads"],
+        "run_dir": str(run_dir.relative_to(ROOT)),
     }
 
 
@@ -129,11 +131,12 @@ def main() -> None:
         if not (run_dir / "eval_val.json").exists():
             run(eval_cmd)
         commands.append(shlex.join(["detrkd", *eval_cmd[3:]]))
-        rows[role] = role_row(config, run_dir)
+        rows[role] = role_row(run_dir)
     import torch
 
-    teacher_threads = yaml.safe_load(args.teacher.read_text()).get("threads")
-    result = {**rows, "hardware": hardware(), "threads": teacher_threads, "torch": torch.__version__,
+    threads = sorted({rows[role]["threads"] for role in rows}, key=str)
+    result = {**rows, "hardware": hardware(), "threads": threads[0] if len(threads) == 1 else threads,
+              "torch": torch.__version__,
               "git_sha": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                         capture_output=True, text=True).stdout.strip(),
               "command": commands, "script": "python benchmarks/baseline.py"}
