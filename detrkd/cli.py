@@ -104,17 +104,22 @@ def _add_run_arguments(train: argparse.ArgumentParser) -> None:
 
 def _add_eval(sub: Any, common: argparse.ArgumentParser) -> None:
     ev = sub.add_parser("eval", parents=[common], help="COCO-evaluate a detector")
-    ev.add_argument("--checkpoint", required=True, type=Path,
-                    help="a detrkd checkpoint (.pt) or a HF from_pretrained directory")
-    ev.add_argument("--data", help="dataset root (default: the checkpoint's training data)")
-    ev.add_argument("--split", default="val", choices=("train", "val"), help="split (default val)")
-    ev.add_argument("--image-size", type=int, help="shorter image side (default: checkpoint's, else 256)")
-    ev.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
-    ev.add_argument("--max-images", type=int, help="evaluate only the first N images")
-    ev.add_argument("--device", default="cpu", help="device (default cpu)")
+    _add_checkpoint_on_data(ev, "evaluate")
     ev.add_argument("--out", type=Path, help="also write the metrics as JSON to this file")
     _add_progress_flag(ev)
     ev.set_defaults(func=cmd_eval)
+
+
+def _add_checkpoint_on_data(parser: argparse.ArgumentParser, verb: str) -> None:
+    """The arguments of commands that run a checkpoint over a dataset split (eval, analyze)."""
+    parser.add_argument("--checkpoint", required=True, type=Path,
+                        help="a detrkd checkpoint (.pt) or a HF from_pretrained directory")
+    parser.add_argument("--data", help="dataset root (default: the checkpoint's training data)")
+    parser.add_argument("--split", default="val", choices=("train", "val"), help="split (default val)")
+    parser.add_argument("--image-size", type=int, help="shorter image side (default: checkpoint's, else 256)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
+    parser.add_argument("--max-images", type=int, help=f"{verb} only the first N images")
+    parser.add_argument("--device", default="cpu", help="device (default cpu)")
 
 
 def _add_predict(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -134,16 +139,9 @@ def _add_analyze(sub: Any, common: argparse.ArgumentParser) -> None:
     kinds = an.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
     gqs = kinds.add_parser("gqs", parents=[common],
                            help="QSKD Table 1 (queries per GT by GIoU), or with --figure its Fig. 1/4")
-    gqs.add_argument("--checkpoint", required=True, type=Path,
-                     help="a detrkd checkpoint (.pt) or a HF from_pretrained directory")
-    gqs.add_argument("--data", help="dataset root (default: the checkpoint's training data)")
-    gqs.add_argument("--split", default="val", choices=("train", "val"), help="split (default val)")
-    gqs.add_argument("--image-size", type=int, help="shorter image side (default: checkpoint's, else 256)")
-    gqs.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
-    gqs.add_argument("--max-images", type=int, help="analyse only the first N images")
+    _add_checkpoint_on_data(gqs, "analyse")
     gqs.add_argument("--threshold", type=float, default=0.0,
                      help="GQS hard-negative threshold, G > threshold (default 0.0)")
-    gqs.add_argument("--device", default="cpu", help="device (default cpu)")
     gqs.add_argument("--out", type=Path, help="also write the statistics as JSON to this file")
     fig = gqs.add_argument_group("figure (draws one image instead of the statistics)")
     which = fig.add_mutually_exclusive_group()
