@@ -88,9 +88,11 @@ def test_class_sets_must_agree(pair):
     other = build_detector("rt_detr", "tiny", 7)
     with pytest.raises(ValueError, match="predicts 4 classes but the student .* predicts 7"):
         Distiller(teacher, other, {})
-    renamed = build_detector("rt_detr", "tiny", 4, id2label={0: "a", 1: "b", 2: "c", 3: "d"})
+    named = build_detector("rt_detr", "tiny", 4, id2label={0: "a", 1: "b", 2: "c", 3: "d"})
+    renamed = build_detector("rt_detr", "tiny", 4, id2label={0: "a", 1: "b", 2: "x", 3: "d"})
     with pytest.raises(ValueError, match="class names differ"):
-        Distiller(teacher, renamed, {})
+        Distiller(named, renamed, {})
+    Distiller(teacher, named, {})  # HF's default names ("LABEL_i") mean "unnamed": no conflict
 
 
 def test_weights_for_unknown_methods_are_rejected(pair):

@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 
 # method name -> "module:Class" in detrkd.distill; each class is built as Class(teacher, student, **options)
 METHODS: dict[str, str] = {
+    "active_sampling": "active_sampling:ActiveSampling",
     "agfd": "agfd:AGFD",
+    "kd_detr": "kd_detr:KDDETR",
     "lapd": "lapd:LAPD",
 }
 

@@ -1,0 +1,249 @@
+"""Matching-free distillation by active sampling (papers/active-sampling-matching-free.md, Sec. 3).
+
+No Hungarian matching, no cost matrix: teacher and student outputs are two unordered sets that are
+*sampled* at the same points by attention, and the samples are aligned.
+
+Prediction vectors (Sec. 3.1): per query y = [box (4, normalised cxcywh), class scores (C)], the
+scores being the probabilities of the C real classes (``class_probabilities``: softmax heads drop
+the no-object column, sigmoid heads are independent sigmoids), so any pair of heads is comparable.
+Y_t [B, Qt, 4 + C], Y_s [B, Qs, 4 + C]; Qt != Qs is fine (the sampled sets have the points' size).
+
+Active Sampling Module (ASM, Eq. 9-14, Fig. 2): an MLP (``mlp_layers`` Linear+ReLU of width
+``hidden``) and two linear heads project a vector to a query and a key (``dim``, default
+``hidden``). For points P (projected to queries q(P)) and a set Y (keys k(Y), values Y itself):
+
+    W = softmax(q(P) k(Y)^T / (sqrt(d) * T))  [B, M, N],      S = W @ Y  [B, M, 4 + C].
+
+- ``heads`` (Table 3): 1 (default, the paper's choice). With h > 1, q and k are split into h
+  slices of d / h; each head gives its own weights W_h (scaled by sqrt(d / h)) and the heads'
+  samples are AVERAGED: S = mean_h W_h @ Y = (mean_h W_h) @ Y (values are whole predictions, so
+  they cannot be split per head and concatenated as in a standard multi-head attention).
+- Sampling points (Sec. 3.3, "prior-guided"): ``points="teacher"`` (default) P = Y_t, M = Qt;
+  ``"teacher+student"`` P = [Y_t, Y_s], M = Qt + Qs (also samples where the student predicts);
+  ``"random"`` P uniform in [0, 1]^(4 + C), M = Qt, redrawn every step (the non-prior ablation).
+  Points are data: always detached.
+
+Losses (Sec. 3.4), returned already weighted as {"sampling", "l1", "cls"}:
+
+- sampling (Eq. 16): the teacher's self-attention W = softmax(q(Y_t) k(Y_t)^T / sqrt(d)) must
+  pick output i for point i: L = -mean_i log W_ii (Eq. 16 sums over i; the mean over points,
+  images and heads keeps the weight independent of Qt and B). It uses NO temperature: Eq. 15
+  introduces T only "during the distillation process", Eq. 16 is on the plain weights W of Eq. 10.
+- distillation (Eq. 15, 17): S_t, S_s sampled at the same points with temperature T (default 4,
+  Table 4's best; it softens W so several outputs contribute to each sample);
+  l1 = lambda_bbox * mean_points sum_4 |S_s box - S_t box|;
+  cls = lambda_cls * mean_points D(S_t cls, S_s cls). The sampled class vectors are mixtures of
+  probabilities. ``class_kd="kl"`` (default, the paper's KL): a vector p over the C real classes
+  becomes a distribution over C + 1 outcomes, p / max(1, sum p) plus the remaining mass as
+  "no object" (for softmax heads this IS the mixture of the C + 1 softmax distributions, exactly
+  the paper's vectors; sigmoid vectors summing over 1 are renormalised), then KL(t || s).
+  ``"bernoulli"``: per-class binary KL summed over classes (the KL of independent per-class
+  probabilities; BCE minus the teacher's entropy). Both are 0 when the samples are equal.
+  The paper gives no lambdas: defaults are DETR's L1 / class weights, 5 and 1; sampling 1 (Eq. 18).
+- ``layers="last"``: final layers only; ``"all"``: student layer i vs teacher layer
+  round(i * (Lt - 1) / (Ls - 1)) (LAPD's ``layer_pairs``), distillation terms summed over pairs
+  (as DETR sums auxiliary losses), sampling loss averaged over the teacher layers used (one ASM).
+
+Gradient routing (the decision; tests check each term separately):
+- sampling loss -> the ASM only. Its inputs are the teacher's predictions, detached.
+- l1 / cls -> the student only, through its predictions both as values (Y_s) and as keys (k(Y_s)).
+  The ASM weights are DETACHED in the distillation loss (keys of Y_s go through a parameter-detached
+  copy of the ASM, teacher-side queries and keys are detached). Reason: if the distillation loss
+  trained the ASM it could lower itself without the student learning anything: by flattening
+  q.k to a constant, W becomes uniform and S_t, S_s collapse to the set means, so only the mean
+  prediction is compared (or, more generally, by sampling where the two sets happen to agree). The
+  ASM must stay a faithful sampler of the teacher's distribution, which is what Eq. 16 trains.
+- the teacher: never (its predictions are detached here even when its forward kept a graph).
+
+Every operation is a batched tensor op: no matching, no solver, no per-image loop.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ..models.base import ClassHead, DetectorOutput
+from .base import DistillContext, DistillMethod
+from .lapd import layer_pairs
+from .losses import class_probabilities
+
+PointsKind = Literal["teacher", "teacher+student", "random"]
+ClassDistance = Literal["kl", "bernoulli"]
+EPS = 1e-6
+
+
+def prediction_vectors(logits: Tensor, boxes: Tensor, head: ClassHead) -> Tensor:
+    """logits [..., Q, K], boxes [..., Q, 4] -> y [..., Q, 4 + C] = [box, real-class probabilities]."""
+    return torch.cat([boxes, class_probabilities(logits, head).to(boxes.dtype)], -1)
+
+
+class SamplingModule(nn.Module):
+    """The ASM projection: y [..., 4 + C] -> (query [..., dim], key [..., dim]).
+
+    An MLP of ``layers`` Linear+ReLU blocks of width ``hidden`` shared by both, then one linear
+    head each. ``frozen(y)`` is the same projection with the parameters detached (gradients reach
+    ``y`` only).
+    """
+
+    def __init__(self, in_dim: int, hidden: int = 256, dim: int | None = None, layers: int = 2):
+        super().__init__()
+        if layers < 1:
+            raise ValueError(f"the ASM MLP needs at least one layer, got {layers}")
+        widths = [in_dim] + [hidden] * layers
+        self.mlp = nn.Sequential(*[m for a, b in zip(widths, widths[1:]) for m in (nn.Linear(a, b), nn.ReLU())])
+        self.query = nn.Linear(hidden, dim or hidden)
+        self.key = nn.Linear(hidden, dim or hidden)
+
+    @property
+    def dim(self) -> int:
+        return self.query.out_features
+
+    def forward(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.mlp(y.to(self.query.weight.dtype))
+        return self.query(h), self.key(h)
+
+    def frozen(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The projection with detached parameters: [..., 4 + C] -> ([..., dim], [..., dim])."""
+        params = {name: p.detach() for name, p in self.named_parameters()}
+        return functional_call(self, params, (y,))
+
+
+def sampling_logits(queries: Tensor, keys: Tensor, heads: int = 1, temperature: float = 1.0) -> Tensor:
+    """queries [B, M, d], keys [B, N, d] -> scores [B, h, M, N] / (sqrt(d / h) * T)."""
+    b, m, d = queries.shape
+    if d % heads:
+        raise ValueError(f"ASM dim {d} is not divisible by heads={heads}")
+    q = queries.view(b, m, heads, d // heads).transpose(1, 2)
+    k = keys.view(b, keys.shape[1], heads, d // heads).transpose(1, 2)
+    return q @ k.transpose(-1, -2) / (math.sqrt(d // heads) * temperature)
+
+
+def sampling_weights(queries: Tensor, keys: Tensor, heads: int = 1, temperature: float = 1.0) -> Tensor:
+    """Head-averaged sampling weights [B, M, N] (rows sum to 1) of queries [B, M, d] over keys [B, N, d]."""
+    return sampling_logits(queries, keys, heads, temperature).softmax(-1).mean(1)
+
+
+def sample(queries: Tensor, keys: Tensor, values: Tensor, heads: int = 1,
+           temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Soft sampling (Eq. 14/15): queries [B, M, d], keys [B, N, d], values [B, N, V] ->
+    (samples [B, M, V], weights [B, M, N])."""
+    weights = sampling_weights(queries, keys, heads, temperature)
+    return weights @ values.to(weights.dtype), weights
+
+
+def sampling_loss(queries: Tensor, keys: Tensor, heads: int = 1) -> Tensor:
+    """Eq. 16 on a self-attention (queries, keys [B, Q, d] of the same set), T = 1:
+    -mean over images, heads and points of log W_ii."""
+    log_w = sampling_logits(queries, keys, heads).log_softmax(-1)  # [B, h, Q, Q]
+    return -log_w.diagonal(dim1=-2, dim2=-1).mean()
+
+
+def class_distance(teacher: Tensor, student: Tensor, mode: ClassDistance = "kl") -> Tensor:
+    """Per-sample distance [...] of sampled class vectors [..., C] (module docstring: the modes)."""
+    if mode == "kl":
+        t, s = _with_no_object(teacher), _with_no_object(student)
+        return (t * (t.log() - s.log())).sum(-1)
+    if mode == "bernoulli":
+        t, s = teacher.clamp(EPS, 1 - EPS), student.clamp(EPS, 1 - EPS)
+        return (t * (t.log() - s.log()) + (1 - t) * ((1 - t).log() - (1 - s).log())).sum(-1)
+    raise ValueError(f"unknown class_kd {mode!r}; use 'kl' or 'bernoulli'")
+
+
+def _with_no_object(p: Tensor) -> Tensor:
+    """[..., C] real-class scores -> [..., C + 1] distribution (last = remaining "no object" mass)."""
+    p = p / p.sum(-1, keepdim=True).clamp(min=1.0)
+    rest = (1 - p.sum(-1, keepdim=True)).clamp(min=0.0)
+    return torch.cat([p, rest], -1).clamp(min=EPS)
+
+
+class ActiveSampling(DistillMethod):
+    """Matching-free active-sampling distillation; ``forward(ctx) -> {"sampling", "l1", "cls"}``.
+
+    hidden / dim / mlp_layers: ASM sizes (``dim`` defaults to ``hidden``); heads: attention heads
+    (samples averaged over heads); points: "teacher" | "teacher+student" | "random";
+    temperature: T of the distillation sampling weights (Eq. 15; the sampling loss uses 1);
+    class_kd: "kl" | "bernoulli"; sampling_weight / bbox_weight / cls_weight: loss weights;
+    layers: "last" | "all". ``num_classes`` is taken from ``teacher`` when not given.
+    """
+
+    def __init__(self, teacher: object = None, student: object = None, *, num_classes: int | None = None,
+                 hidden: int = 256, dim: int | None = None, mlp_layers: int = 2, heads: int = 1,
+                 points: PointsKind = "teacher", temperature: float = 4.0, class_kd: ClassDistance = "kl",
+                 sampling_weight: float = 1.0, bbox_weight: float = 5.0, cls_weight: float = 1.0,
+                 layers: Literal["last", "all"] = "last"):
+        super().__init__()
+        num_classes = num_classes if num_classes is not None else getattr(teacher, "num_classes", None)
+        if num_classes is None:
+            raise ValueError("ActiveSampling needs the teacher or num_classes to size its sampling module")
+        _check_choice("points", points, ("teacher", "teacher+student", "random"))
+        _check_choice("class_kd", class_kd, ("kl", "bernoulli"))
+        _check_choice("layers", layers, ("last", "all"))
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.asm = SamplingModule(4 + int(num_classes), hidden, dim, mlp_layers)
+        if heads < 1 or self.asm.dim % heads:
+            raise ValueError(f"heads={heads} must be >= 1 and divide the ASM dim {self.asm.dim}")
+        self.num_classes, self.heads, self.points = int(num_classes), int(heads), points
+        self.temperature, self.class_kd, self.layers = float(temperature), class_kd, layers
+        self.weights = {"sampling": float(sampling_weight), "l1": float(bbox_weight), "cls": float(cls_weight)}
+
+    def forward(self, ctx: DistillContext) -> dict[str, Tensor]:
+        pairs = layer_pairs(ctx.student_out.predictions.num_layers, ctx.teacher_out.predictions.num_layers,
+                            self.layers)
+        teacher = {t: self.teacher_side(ctx.teacher_out, t) for t in sorted({t for _, t in pairs})}
+        sampling = torch.stack([sampling_loss(q, k, self.heads) for _, q, k in teacher.values()]).mean()
+        per_layer = [self.distill(teacher[t], _vectors(ctx.student_out, s)) for s, t in pairs]
+        terms = {"sampling": sampling,
+                 "l1": torch.stack([l1 for l1, _ in per_layer]).sum(),
+                 "cls": torch.stack([cls for _, cls in per_layer]).sum()}
+        return {name: self.weights[name] * value for name, value in terms.items()}
+
+    def teacher_side(self, out: DetectorOutput, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(Y_t [B, Qt, 4 + C] detached, q(Y_t), k(Y_t) [B, Qt, d] with ASM gradients)."""
+        y_t = _vectors(out, layer).detach()
+        return (y_t, *self.asm(y_t))
+
+    def distill(self, teacher: tuple[Tensor, Tensor, Tensor], y_s: Tensor) -> tuple[Tensor, Tensor]:
+        """Unweighted (l1, cls) of one layer pair; teacher = ``teacher_side`` output, y_s [B, Qs, 4 + C]."""
+        s_t, s_s = self.samples(teacher, y_s)
+        l1 = (s_s[..., :4] - s_t[..., :4]).abs().sum(-1).mean()
+        cls = class_distance(s_t[..., 4:], s_s[..., 4:], self.class_kd).mean()
+        return l1, cls
+
+    def samples(self, teacher: tuple[Tensor, Tensor, Tensor], y_s: Tensor) -> tuple[Tensor, Tensor]:
+        """(S_t, S_s) [B, M, 4 + C] at the same points, temperature T; S_t is a constant."""
+        y_t, q_t, k_t = teacher
+        q_p = self.point_queries(y_t, q_t, y_s)
+        s_t, _ = sample(q_p, k_t.detach(), y_t, self.heads, self.temperature)
+        s_s, _ = sample(q_p, self.asm.frozen(y_s)[1], y_s, self.heads, self.temperature)
+        return s_t, s_s
+
+    @torch.no_grad()
+    def point_queries(self, y_t: Tensor, q_t: Tensor, y_s: Tensor) -> Tensor:
+        """Detached queries of the sampling points [B, M, d] (M = Qt, or Qt + Qs for "teacher+student")."""
+        if self.points == "teacher":
+            return q_t.detach()
+        if self.points == "teacher+student":
+            return torch.cat([q_t.detach(), self.asm(y_s.detach())[0]], 1)
+        return self.asm(torch.rand_like(y_t))[0]
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, heads={self.heads}, points={self.points}, "
+                f"temperature={self.temperature}, class_kd={self.class_kd}, layers={self.layers}, "
+                f"weights={self.weights}")
+
+
+def _vectors(out: DetectorOutput, layer: int) -> Tensor:
+    """[B, Q, 4 + C] prediction vectors of one decoder layer."""
+    logits, boxes = out.predictions.layer(layer)
+    return prediction_vectors(logits, boxes, out.class_head)
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"ActiveSampling {name} must be one of {choices}, got {value!r}")
