@@ -119,11 +119,17 @@ def test_shortcuts_then_set_overrides(tmp_path):
 
 
 def test_example_configs_load():
-    for name in ("teacher.yaml", "student.yaml"):
-        cfg = load_config(REPO / "configs" / name)
-        assert cfg.model.family == "deformable_detr" and cfg.data.root == "data/digits"
-    assert load_config(REPO / "configs" / "teacher.yaml").model.preset == "base"
-    assert load_config(REPO / "configs" / "student.yaml").model.preset == "small"
+    from detrkd.config import DistillConfig
+
+    teacher = load_config(REPO / "configs" / "digits_teacher.yaml")
+    student = load_config(REPO / "configs" / "digits_student.yaml")
+    qskd = load_config(REPO / "configs" / "digits_qskd.yaml", schema=DistillConfig)
+    assert {c.model.family for c in (teacher, student, qskd)} == {"rt_detr"}
+    assert {c.data.root for c in (teacher, student, qskd)} == {"data/digits"}
+    assert (teacher.model.preset, student.model.preset, qskd.model.preset) == ("small", "tiny", "tiny")
+    # the distilled student and the no-KD student share the schedule
+    assert qskd.optim == student.optim and qskd.data == student.data and qskd.seed == student.seed
+    assert set(qskd.methods) == {"agfd", "lapd"} and qskd.teacher.endswith("digits_teacher/last.pt")
 
 
 def test_format_stats_table():
@@ -137,7 +143,7 @@ def test_format_stats_table():
 def test_parser_has_all_commands():
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == {"data", "train", "eval", "predict"}
+    assert set(sub.choices) == {"data", "train", "eval", "predict", "distill", "analyze"}
 
 
 # ---- end to end -----------------------------------------------------------------------------
