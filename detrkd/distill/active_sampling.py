@@ -68,7 +68,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..models.base import ClassHead, DetectorOutput
-from .base import DistillContext, DistillMethod
+from .base import DistillContext, DistillMethod, check_choice
 from .lapd import layer_pairs
 from .losses import class_probabilities
 
@@ -180,9 +180,9 @@ class ActiveSampling(DistillMethod):
         num_classes = num_classes if num_classes is not None else getattr(teacher, "num_classes", None)
         if num_classes is None:
             raise ValueError("ActiveSampling needs the teacher or num_classes to size its sampling module")
-        _check_choice("points", points, ("teacher", "teacher+student", "random"))
-        _check_choice("class_kd", class_kd, ("kl", "bernoulli"))
-        _check_choice("layers", layers, ("last", "all"))
+        check_choice("ActiveSampling", "points", points, ("teacher", "teacher+student", "random"))
+        check_choice("ActiveSampling", "class_kd", class_kd, ("kl", "bernoulli"))
+        check_choice("ActiveSampling", "layers", layers, ("last", "all"))
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.asm = SamplingModule(4 + int(num_classes), hidden, dim, mlp_layers)
@@ -243,7 +243,3 @@ def _vectors(out: DetectorOutput, layer: int) -> Tensor:
     logits, boxes = out.predictions.layer(layer)
     return prediction_vectors(logits, boxes, out.class_head)
 
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"ActiveSampling {name} must be one of {choices}, got {value!r}")

@@ -132,3 +132,14 @@ def _class_names(model: DetrAdapter) -> dict[int, str] | None:
     if not names or all(v == f"LABEL_{k}" for k, v in names.items()):
         return None
     return names
+
+
+def check_choice(method: str, name: str, value: object, choices: tuple[str, ...]) -> None:
+    """A clear ``ValueError`` for an option outside its choices (names the method and option)."""
+    if value not in choices:
+        raise ValueError(f"{method} {name} must be one of {choices}, got {value!r}")
+
+
+def gather_flat(x: Tensor, flat_index: Tensor) -> Tensor:
+    """[B, Q, D] -> [P, D]: rows at flat (image * Q + query) indices."""
+    return x.flatten(0, 1)[flat_index]

@@ -70,7 +70,7 @@ from torch import Tensor
 
 from ..box_ops import xyxy_to_cxcywh
 from ..models.base import ClassHead, DetectorOutput, DetrAdapter, Predictions
-from .base import DistillContext, DistillMethod
+from .base import DistillContext, DistillMethod, check_choice, gather_flat
 from .lapd import Alignment, layer_pairs
 from .losses import ClassKD, box_l1_giou, class_kd, class_probabilities, pair_losses
 
@@ -214,16 +214,6 @@ def aligned_losses(pairs: Aligned, heads: tuple[ClassHead, ClassHead], weights: 
             "giou": weights[2] * (w * giou).sum() / norm}
 
 
-def _gather(x: Tensor, flat_index: Tensor) -> Tensor:
-    """[B, Q, D] -> [P, D] rows at flat (image * Q + query) indices."""
-    return x.flatten(0, 1)[flat_index]
-
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"KD-DETR {name} must be one of {choices}, got {value!r}")
-
-
 class KDDETR(DistillMethod):
     """KD-DETR; ``forward(ctx) -> {"cls", "l1", "giou"}`` (module docstring: the rules).
 
@@ -244,12 +234,12 @@ class KDDETR(DistillMethod):
                  normalise: Literal["official", "mean"] = "official", layers: Literal["all", "last"] = "all",
                  pairing: Literal["last", "index"] = "last"):
         super().__init__()
-        _check_choice("points", points, POINT_KINDS + BASELINES)
-        _check_choice("sampling", sampling, ("uniform", "logit_normal"))
-        _check_choice("class_kd", class_kd, ("kl", "bce"))
-        _check_choice("normalise", normalise, ("official", "mean"))
-        _check_choice("layers", layers, ("all", "last"))
-        _check_choice("pairing", pairing, ("last", "index"))
+        check_choice("KD-DETR", "points", points, POINT_KINDS + BASELINES)
+        check_choice("KD-DETR", "sampling", sampling, ("uniform", "logit_normal"))
+        check_choice("KD-DETR", "class_kd", class_kd, ("kl", "bce"))
+        check_choice("KD-DETR", "normalise", normalise, ("official", "mean"))
+        check_choice("KD-DETR", "layers", layers, ("all", "last"))
+        check_choice("KD-DETR", "pairing", pairing, ("last", "index"))
         if points in ("general", "both") and int(general) < 1:
             raise ValueError(f"KD-DETR points={points!r} needs general >= 1, got {general}")
         if not 0.0 < min_size <= 1.0 or not 0.0 < point_size <= 1.0:
@@ -288,13 +278,13 @@ class KDDETR(DistillMethod):
         (b, qs), qt = s_logits.shape[:2], t_logits.shape[1]
         if self.points == "inconsistent":
             align = inconsistent_pairs(b, qt, qs, s_logits.device)
-            return Aligned(_gather(s_logits, align.student), _gather(s_boxes, align.student),
-                           _gather(t_logits, align.teacher), _gather(t_boxes, align.teacher))
+            return Aligned(gather_flat(s_logits, align.student), gather_flat(s_boxes, align.student),
+                           gather_flat(t_logits, align.teacher), gather_flat(t_boxes, align.teacher))
         t_sel, s_sel = ctx.selection("teacher", teacher_layer), ctx.selection("student", student_layer)
         align = foreground_pairs(t_sel.positive_index.to(s_logits.device),
                                  s_sel.positive_index.to(s_logits.device), qt, qs)
-        parts = [[_gather(s_logits, align.student)], [_gather(s_boxes, align.student)],
-                 [_gather(t_logits, align.teacher)], [_gather(t_boxes, align.teacher)]]
+        parts = [[gather_flat(s_logits, align.student)], [gather_flat(s_boxes, align.student)],
+                 [gather_flat(t_logits, align.teacher)], [gather_flat(t_boxes, align.teacher)]]
         if self.points == "similar_general":
             means = [unmatched_mean(x, sel.positive.to(x.device))
                      for x, sel in ((s_logits, s_sel), (s_boxes, s_sel), (t_logits, t_sel), (t_boxes, t_sel))]

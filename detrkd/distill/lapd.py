@@ -28,7 +28,8 @@ The loss on the P pairs is ``pair_losses`` (class KD + L1 + GIoU, weights 1/5/2)
 - ``layers="all"``: student layer i vs teacher layer round_half_up(i * (Lt - 1) / (Ls - 1)) (equal
   counts: i vs i; the last student layer always meets the teacher's last; one student layer -> the
   teacher's last); ``pairing="last"``: every student layer vs the teacher's last layer.
-- GQS results come from ``ctx.selection`` (computed once per step, shared with AGFD). Only detection queries are distilled (denoising queries have no counterpart).
+- GQS results come from ``ctx.selection`` (computed once per step, shared with AGFD). Only
+  detection queries are distilled (denoising queries have no counterpart).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from torch import Tensor
 from .. import matching
 from ..matching import CostWeights, pairwise_cost
 from ..models.base import ClassHead
-from .base import DistillContext, DistillMethod
+from .base import DistillContext, DistillMethod, check_choice, gather_flat
 from .losses import ClassKD, class_probabilities, pair_losses
 from .query_selection import QuerySelection
 
@@ -218,11 +219,11 @@ class LAPD(DistillMethod):
                  class_kd: ClassKD = "bce", temperature: float = 1.0,
                  normalise: Literal["pairs", "gt"] = "pairs", layer_reduction: Literal["sum", "mean"] = "sum"):
         super().__init__()
-        _check_choice("layers", layers, ("last", "all"))
-        _check_choice("pairing", pairing, ("index", "last"))
-        _check_choice("class_kd", class_kd, ("bce", "kl"))
-        _check_choice("normalise", normalise, ("pairs", "gt"))
-        _check_choice("layer_reduction", layer_reduction, ("sum", "mean"))
+        check_choice("LAPD", "layers", layers, ("last", "all"))
+        check_choice("LAPD", "pairing", pairing, ("index", "last"))
+        check_choice("LAPD", "class_kd", class_kd, ("bce", "kl"))
+        check_choice("LAPD", "normalise", normalise, ("pairs", "gt"))
+        check_choice("LAPD", "layer_reduction", layer_reduction, ("sum", "mean"))
         if len(weights) != 3 or len(cost_weights) != 3:
             raise ValueError("weights and cost_weights are (class, L1, GIoU) triples")
         self.threshold, self.per_image, self.kinds = float(threshold), bool(per_image), parse_kinds(kinds)
@@ -249,8 +250,8 @@ class LAPD(DistillMethod):
                                 s_logits.detach(), s_boxes.detach(), heads, self.per_image, self.kinds,
                                 self.cost_weights)
         normaliser = None if self.normalise == "pairs" else max(sum(len(t["boxes"]) for t in ctx.targets), 1)
-        return pair_losses(_gather(s_logits, align.student), _gather(s_boxes, align.student),
-                           _gather(t_logits, align.teacher), _gather(t_boxes, align.teacher), heads[1], heads[0],
+        return pair_losses(gather_flat(s_logits, align.student), gather_flat(s_boxes, align.student),
+                           gather_flat(t_logits, align.teacher), gather_flat(t_boxes, align.teacher), heads[1], heads[0],
                            self.weights, self.class_kd, self.temperature, normaliser=normaliser)
 
     def extra_repr(self) -> str:
@@ -258,11 +259,3 @@ class LAPD(DistillMethod):
                 f"layers={self.layers}, pairing={self.pairing}, class_kd={self.class_kd}")
 
 
-def _gather(x: Tensor, flat_index: Tensor) -> Tensor:
-    """[B, Q, D] -> [P, D] rows at flat (image * Q + query) indices."""
-    return x.flatten(0, 1)[flat_index]
-
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"LAPD {name} must be one of {choices}, got {value!r}")

@@ -52,7 +52,8 @@ def class_kd(student_logits: Tensor, teacher_logits: Tensor, student_head: Class
     if mode == "kl":
         t = class_logits(teacher_logits, teacher_head).detach() / temperature
         s = class_logits(student_logits, student_head) / temperature
-        return F.kl_div(s.log_softmax(-1), t.log_softmax(-1), reduction="none", log_target=True).sum(-1) * temperature**2
+        kl = F.kl_div(s.log_softmax(-1), t.log_softmax(-1), reduction="none", log_target=True)
+        return kl.sum(-1) * temperature**2
     raise ValueError(f"unknown class KD mode {mode!r}; use 'bce' or 'kl'")
 
 
