@@ -313,14 +313,11 @@ def eval_data_config(args: argparse.Namespace, run_config: dict[str, Any] | None
     return coerce(data, DataConfig, "data")
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    """``detrkd eval``."""
-    from torch.utils.data import DataLoader
-
+def detector_on_split(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
+    """(detector, dataset of ``--split`` with the detector's val transforms, data config,
+    annotation file) for the commands that run a checkpoint over a split."""
     from detrkd.data.coco import CocoDetection
-    from detrkd.data.collate import collate
     from detrkd.engine import transforms_for
-    from detrkd.evaluation import evaluate
 
     model, run_config = load_for_inference(args.checkpoint, args.device)
     data = eval_data_config(args, run_config)
@@ -328,6 +325,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     dataset = CocoDetection(images, ann, transforms_for(model.family, "val", data))
     if dataset.num_classes != model.num_classes:
         raise ValueError(f"the detector has {model.num_classes} classes but {ann} has {dataset.num_classes}")
+    return model, dataset, data, ann
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``detrkd eval``."""
+    from torch.utils.data import DataLoader
+
+    from detrkd.data.collate import collate
+    from detrkd.evaluation import evaluate
+
+    model, dataset, data, ann = detector_on_split(args)
     loader = DataLoader(dataset, batch_size=data.batch_size, shuffle=False, collate_fn=collate)
     stats = evaluate(model, loader, dataset, args.device, max_images=args.max_images,
                      progress=_progress(args))
@@ -365,18 +373,11 @@ def cmd_analyze_gqs(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
     from detrkd import analysis
-    from detrkd.data.coco import CocoDetection
     from detrkd.data.collate import collate
-    from detrkd.engine import transforms_for
 
     if (args.image_id is not None or args.image is not None or args.gt_index is not None) != (args.figure is not None):
         raise ValueError("a figure needs --figure OUT.png and the image (--image-id ID or --image PATH)")
-    model, run_config = load_for_inference(args.checkpoint, args.device)
-    data = eval_data_config(args, run_config)
-    images, ann = data.split_paths(args.split)
-    dataset = CocoDetection(images, ann, transforms_for(model.family, "val", data))
-    if dataset.num_classes != model.num_classes:
-        raise ValueError(f"the detector has {model.num_classes} classes but {ann} has {dataset.num_classes}")
+    model, dataset, data, ann = detector_on_split(args)
     if args.figure is not None:
         index = analysis.find_image_index(dataset, args.image_id, args.image)
         summary = analysis.draw_dataset_image(model, dataset, index, args.gt_index, args.figure,
