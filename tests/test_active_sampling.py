@@ -29,15 +29,6 @@ def models():
     return teacher, student
 
 
-@pytest.fixture(scope="module")
-def batch():
-    torch.manual_seed(1)
-    return {"pixel_values": torch.randn(2, 3, 64, 64), "pixel_mask": torch.ones(2, 64, 64, dtype=torch.long),
-            "labels": [{"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]])},
-                       {"class_labels": torch.tensor([2, 3]),
-                        "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.2, 0.3]])}]}
-
-
 def _output(logits: torch.Tensor, boxes: torch.Tensor, head: str) -> DetectorOutput:
     """A DetectorOutput holding only predictions (all the method reads); logits [L, B, Q, K]."""
     return DetectorOutput(predictions=Predictions(logits, boxes), class_head=head, memory=None, queries=None)
@@ -129,11 +120,11 @@ def test_class_distances_are_zero_only_at_equality():
 
 
 @pytest.mark.parametrize("points,m", [("teacher", 30), ("teacher+student", 40), ("random", 30)])
-def test_shapes_with_different_query_counts_and_mixed_heads(models, batch, points, m):
+def test_shapes_with_different_query_counts_and_mixed_heads(models, two_image_batch, points, m):
     teacher, student = models
     with torch.no_grad():
-        t_out = teacher(batch["pixel_values"], batch["pixel_mask"])
-        s_out = student(batch["pixel_values"], batch["pixel_mask"])
+        t_out = teacher(two_image_batch["pixel_values"], two_image_batch["pixel_mask"])
+        s_out = student(two_image_batch["pixel_values"], two_image_batch["pixel_mask"])
     assert t_out.class_head == "sigmoid" and s_out.class_head == "softmax"
     method = ActiveSampling(teacher, student, hidden=32, points=points)
     side = method.teacher_side(t_out, -1)
@@ -176,13 +167,13 @@ def test_weights_scale_the_terms():
 
 
 @pytest.mark.parametrize("points", ["teacher", "teacher+student"])
-def test_gradient_routing(models, batch, points):
+def test_gradient_routing(models, two_image_batch, points):
     """sampling -> ASM only; l1 and cls -> student only; teacher never (even with a teacher graph)."""
     teacher, student = models
     teacher.requires_grad_(True)
     try:
-        t_out = teacher(batch["pixel_values"], batch["pixel_mask"])  # WITH a graph: the method must detach
-        s_out = student(batch["pixel_values"], batch["pixel_mask"])
+        t_out = teacher(two_image_batch["pixel_values"], two_image_batch["pixel_mask"])  # WITH a graph: the method must detach
+        s_out = student(two_image_batch["pixel_values"], two_image_batch["pixel_mask"])
         assert t_out.predictions.logits.requires_grad
         method = ActiveSampling(teacher, student, hidden=32, points=points, layers="all")
         terms = method(_ctx(t_out, s_out, teacher, student))
@@ -204,13 +195,13 @@ def test_gradient_routing(models, batch, points):
 # ---- with the Distiller ---------------------------------------------------------------------------
 
 
-def test_distiller_step_end_to_end(models, batch):
+def test_distiller_step_end_to_end(models, two_image_batch):
     teacher, student = models
     methods, weights = build_methods({"active_sampling": {"weight": 2.0, "hidden": 32, "layers": "all",
                                                           "temperature": 4.0}}, teacher, student)
     distiller = Distiller(teacher, student, methods, weights).train()
     assert "active_sampling" in distiller.trainable_modules()
-    loss, terms = distiller(batch)
+    loss, terms = distiller(two_image_batch)
     assert {"active_sampling/sampling", "active_sampling/l1", "active_sampling/cls"} <= set(terms)
     assert torch.isfinite(loss) and terms["active_sampling/l1"] > 0
     loss.backward()
@@ -220,7 +211,7 @@ def test_distiller_step_end_to_end(models, batch):
     student.zero_grad(set_to_none=True)
 
 
-def test_no_matching_inside_the_method(models, batch, monkeypatch):
+def test_no_matching_inside_the_method(models, two_image_batch, monkeypatch):
     """Every assignment solver is wrapped to count calls and to RAISE when called inside the method's
     forward. The student's own DETR loss calls HF's matcher (scipy) outside it: those calls are
     counted too, which shows the wrappers are live, and are allowed."""
@@ -263,7 +254,7 @@ def test_no_matching_inside_the_method(models, batch, monkeypatch):
             return forward(ctx)
 
     monkeypatch.setattr(method, "forward", guarded_forward)
-    loss, _ = Distiller(teacher, student, {"active_sampling": method}).train()(batch)
+    loss, _ = Distiller(teacher, student, {"active_sampling": method}).train()(two_image_batch)
     loss.backward()
     student.zero_grad(set_to_none=True)
     assert calls["inside"] == 0

@@ -37,48 +37,39 @@ def pair():
     return teacher, student
 
 
-@pytest.fixture(scope="module")
-def batch():
-    torch.manual_seed(1)
-    return {"pixel_values": torch.randn(2, 3, 64, 64), "pixel_mask": torch.ones(2, 64, 64, dtype=torch.long),
-            "labels": [{"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]])},
-                       {"class_labels": torch.tensor([2, 3]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2],
-                                                                                       [0.7, 0.6, 0.2, 0.3]])}]}
-
-
-def test_terms_are_named_weighted_and_sum_to_the_loss(pair, batch):
+def test_terms_are_named_weighted_and_sum_to_the_loss(pair, two_image_batch):
     teacher, student = pair
     distiller = Distiller(teacher, student, {"boxes": FinalBoxMSE()}, {"boxes": 3.0}).train()
-    loss, terms = distiller(batch)
+    loss, terms = distiller(two_image_batch)
     assert set(terms) == {"det/loss", "boxes/mse"}
     torch.testing.assert_close(loss, terms["det/loss"] + terms["boxes/mse"])
     unweighted = Distiller(teacher, student, {"boxes": FinalBoxMSE()}).train()
     torch.manual_seed(2)
-    _, a = unweighted(batch)
+    _, a = unweighted(two_image_batch)
     torch.manual_seed(2)
-    _, b = distiller(batch)
+    _, b = distiller(two_image_batch)
     torch.testing.assert_close(b["boxes/mse"], 3.0 * a["boxes/mse"])
 
 
-def test_teacher_is_frozen_and_stays_in_eval_mode(pair, batch):
+def test_teacher_is_frozen_and_stays_in_eval_mode(pair, two_image_batch):
     teacher, student = pair
     distiller = Distiller(teacher, student, {"boxes": FinalBoxMSE()})
     distiller.train()
     assert not teacher.training and student.training
     assert not any(p.requires_grad for p in teacher.parameters())
-    loss, _ = distiller(batch)
+    loss, _ = distiller(two_image_batch)
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert any(p.grad is not None for p in student.parameters())
 
 
-def test_no_methods_is_plain_detection_training(pair, batch):
+def test_no_methods_is_plain_detection_training(pair, two_image_batch):
     teacher, student = pair
     distiller = Distiller(teacher, student, {}).train()
     torch.manual_seed(3)
-    loss, terms = distiller(batch)
+    loss, terms = distiller(two_image_batch)
     torch.manual_seed(3)
-    own = student(batch["pixel_values"], batch["pixel_mask"], labels=batch["labels"]).loss
+    own = student(two_image_batch["pixel_values"], two_image_batch["pixel_mask"], labels=two_image_batch["labels"]).loss
     assert list(terms) == ["det/loss"]
     torch.testing.assert_close(loss, own)
 
