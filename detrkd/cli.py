@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(sub, common)
     _add_distill(sub, common)
     _add_analyze(sub, common)
-    # later: _add_bench(sub, common)
+    _add_bench(sub, common)
     return parser
 
 
@@ -151,6 +151,42 @@ def _add_analyze(sub: Any, common: argparse.ArgumentParser) -> None:
     fig.add_argument("--gt-index", type=int, help="the image's GT to analyse (default: the largest)")
     _add_progress_flag(gqs)
     gqs.set_defaults(func=cmd_analyze_gqs)
+
+
+def _add_bench(sub: Any, common: argparse.ArgumentParser) -> None:
+    from detrkd.bench.accuracy import PRESETS, SUITES
+
+    bench = sub.add_parser("bench", parents=[common], help="benchmarks: accuracy and training-step overhead")
+    kinds = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    acc = kinds.add_parser("accuracy", parents=[common],
+                           help="teacher, no-KD student and distilled students, one schedule, COCO AP",
+                           description="Train (or reuse) every run of a suite and write its result "
+                                       "table; finished runs are reused, interrupted ones resumed.")
+    acc.add_argument("--suite", default="all", choices=sorted(SUITES),
+                     help="all = every method at its paper defaults (default); or one method's ablation")
+    acc.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="run sizes (default cpu)")
+    acc.add_argument("--only", nargs="+", metavar="ROW", help="train only these rows of the suite now")
+    acc.add_argument("--out", type=Path, help="result file (default benchmarks/results/<suite>.json, "
+                                              "accuracy.json for all)")
+    acc.set_defaults(func=cmd_bench_accuracy)
+    ov = kinds.add_parser("overhead", parents=[common], help="seconds per training step of every method",
+                          description="Time one training step of the student alone, student + teacher "
+                                      "inference (the floor) and student + teacher + each method.")
+    ov.add_argument("--queries", type=int, nargs="+", default=[300, 900], help="query counts (default 300 900)")
+    ov.add_argument("--methods", nargs="+", help="methods to time (default: all)")
+    ov.add_argument("--teacher", default="rt_detr:small", help="teacher FAMILY:PRESET (default rt_detr:small)")
+    ov.add_argument("--student", default="rt_detr:tiny", help="student FAMILY:PRESET (default rt_detr:tiny)")
+    ov.add_argument("--batch-size", type=int, default=8, help="images per step (default 8)")
+    ov.add_argument("--image-size", type=int, default=256, help="square input side (default 256)")
+    ov.add_argument("--steps", type=int, default=5, help="timed steps per method (default 5; median)")
+    ov.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    ov.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    ov.add_argument("--data", type=Path, default=Path("data/digits"),
+                    help="take the batch from this dataset's train split (default data/digits; a "
+                         "synthetic batch when it does not exist)")
+    ov.add_argument("--breakdown", type=int, default=3, help="profile the N slowest methods (default 3)")
+    ov.add_argument("--out", type=Path, default=Path("benchmarks/results/overhead.json"), help="result file")
+    ov.set_defaults(func=cmd_bench_overhead)
 
 
 def _add_progress_flag(parser: argparse.ArgumentParser) -> None:
@@ -272,6 +308,60 @@ def cmd_distill(args: argparse.Namespace) -> int:
     summary = distill_detector(config, resume=args.resume, progress=_progress(args))
     print_summary(summary)
     return 0
+
+
+# ---- bench ----------------------------------------------------------------------------------
+def cmd_bench_accuracy(args: argparse.Namespace) -> int:
+    """``detrkd bench accuracy``."""
+    from detrkd.bench.accuracy import markdown, run_suite
+
+    rows = run_suite(args.suite, args.preset, only=args.only, out=args.out)
+    print(markdown(rows))
+    return 0
+
+
+def cmd_bench_overhead(args: argparse.Namespace) -> int:
+    """``detrkd bench overhead``."""
+    import torch
+
+    from detrkd.bench.overhead import Pair, markdown, plot, run_overhead
+    from detrkd.bench.runs import git_sha, hardware
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    (t_family, _, t_preset), (s_family, _, s_preset) = (x.partition(":") for x in (args.teacher, args.student))
+    pair = Pair(t_family, t_preset or "small", s_family, s_preset or "tiny")
+    data = args.data if (args.data / "annotations" / "instances_train.json").exists() else None
+    rows, breakdown = run_overhead(pair, args.queries, args.methods, args.batch_size, args.image_size,
+                                   args.steps, args.warmup, data, args.breakdown)
+    result = {"rows": rows, "breakdown_ms": breakdown, "teacher": args.teacher, "student": args.student,
+              "batch_size": args.batch_size, "image_size": args.image_size, "steps": args.steps,
+              "warmup": args.warmup, "data": str(data) if data else "synthetic",
+              "hardware": hardware(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "git_sha": git_sha(), "command": _overhead_command(args)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(rows)
+    args.out.with_suffix(".md").write_text(table + "\n")
+    plot(rows, args.out.with_suffix(".png"), f"{args.teacher} -> {args.student}, batch {args.batch_size}, "
+                                             f"{torch.get_num_threads()} threads")
+    print(table)
+    return 0
+
+
+def _overhead_command(args: argparse.Namespace) -> str:
+    """The ``detrkd bench overhead`` command line with every option spelled out."""
+    import shlex
+
+    parts = ["detrkd", "bench", "overhead", "--queries", *map(str, args.queries), "--teacher", args.teacher,
+             "--student", args.student, "--batch-size", str(args.batch_size), "--image-size",
+             str(args.image_size), "--steps", str(args.steps), "--warmup", str(args.warmup), "--data",
+             str(args.data), "--breakdown", str(args.breakdown), "--out", str(args.out)]
+    if args.methods:
+        parts += ["--methods", *args.methods]
+    if args.threads is not None:
+        parts += ["--threads", str(args.threads)]
+    return shlex.join(parts)
 
 
 # ---- loading a detector ---------------------------------------------------------------------

@@ -6,6 +6,9 @@ A ``Distiller`` holds a frozen teacher, a student and named methods. One trainin
     student forward with labels                      ->  student ``DetectorOutput`` + detection loss
     each method(context)                             ->  dict of named, weighted loss terms
 
+Profiler ranges (``torch.profiler.record_function``; free when no profiler runs) name the parts
+of a step: ``detrkd::teacher``, ``detrkd::student``, ``detrkd::method/<name>``.
+
 The total loss is ``detection loss + sum_m weight_m * sum(terms of m)``; every term is reported
 under ``"<method>/<term>"`` already multiplied by its weights, so the logged terms add up to the
 loss. Methods are ``nn.Module``s (their learned parts, e.g. connectors and adapters, are trained
@@ -19,6 +22,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from ..models.base import DetectorOutput, DetrAdapter
 from .query_selection import QuerySelection, group_query_selection
@@ -101,15 +105,17 @@ class Distiller(nn.Module):
     def forward(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         """batch: ``collate`` output -> (total loss, {term name: weighted term})."""
         pixel_values, pixel_mask, targets = batch["pixel_values"], batch["pixel_mask"], batch["labels"]
-        with torch.no_grad():
+        with torch.no_grad(), record_function("detrkd::teacher"):
             teacher_out = self.teacher(pixel_values, pixel_mask, with_attention=self._needs("teacher"))
-        student_out = self.student(pixel_values, pixel_mask, labels=targets,
-                                   with_attention=self._needs("student"))
+        with record_function("detrkd::student"):
+            student_out = self.student(pixel_values, pixel_mask, labels=targets,
+                                       with_attention=self._needs("student"))
         terms = {"det/loss": student_out.loss}
         ctx = DistillContext(self.student, self.teacher, student_out, teacher_out, targets)
         for name, method in self.methods.items():
-            for term, value in method(ctx).items():
-                terms[f"{name}/{term}"] = self.weights[name] * value
+            with record_function(f"detrkd::method/{name}"):
+                for term, value in method(ctx).items():
+                    terms[f"{name}/{term}"] = self.weights[name] * value
         return torch.stack(list(terms.values())).sum(), terms
 
     def _needs(self, who: str) -> bool:

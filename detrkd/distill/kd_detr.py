@@ -67,6 +67,7 @@ from typing import Literal, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from ..box_ops import xyxy_to_cxcywh
 from ..models.base import ClassHead, DetectorOutput, DetrAdapter, Predictions
@@ -146,7 +147,8 @@ def decode_groups(model: DetrAdapter, out: DetectorOutput, groups: Sequence[Tens
     """Decode groups of boxes ([B, M_g, 4] each) in ONE ``decode`` call with the group mask;
     returns each group's Predictions ([L, B, M_g, .])."""
     sizes = [g.shape[1] for g in groups]
-    preds = model.decode(out, torch.cat(list(groups), dim=1), self_attn_mask=group_mask(sizes, groups[0].device))
+    with record_function("detrkd::decode"):
+        preds = model.decode(out, torch.cat(list(groups), dim=1), self_attn_mask=group_mask(sizes, groups[0].device))
     ends = torch.tensor(sizes).cumsum(0).tolist()
     return [preds.select(slice(end - size, end)) for size, end in zip(sizes, ends)]
 
@@ -260,7 +262,7 @@ class KDDETR(DistillMethod):
             tokens = ctx.student_out.memory.tokens
             general = sample_general_points(tokens.shape[0], self.general, self.sampling, self.min_size,
                                             tokens.device).to(tokens.dtype)
-            with torch.no_grad():
+            with torch.no_grad(), record_function("detrkd::decode"):
                 teacher.append(_detached(ctx.teacher.decode(ctx.teacher_out, general)))
             boxes.append(general)
         if self.points in ("specific", "both"):

@@ -1,0 +1,225 @@
+"""``detrkd bench overhead``: what one distillation training step costs, per method and query count.
+
+For each query count q (teacher and student both built with q queries) it times one full training
+step (forward, backward, AdamW) of
+
+    student          the student alone (its detection loss)
+    teacher_floor    the student plus the teacher's no-grad forward: the floor every method pays
+    <method>         the student, the teacher and the method (its paper-default options)
+
+on one fixed batch, in this process: ``warmup`` steps, then the median of ``steps``. Overhead is
+``sec_per_step / floor - 1``. A breakdown of the slowest methods comes from one extra step under
+``torch.profiler``: the ``record_function`` ranges the library sets (``detrkd::teacher``,
+``detrkd::student``, ``detrkd::method/<name>``, ``detrkd::decode``, ``detrkd::solve``) plus timed
+backward and optimizer phases (profiling adds its own overhead; the shares are what matter).
+
+The methods and their options are those of the accuracy suite's configs (``configs/digits_*.yaml``),
+so both benchmarks measure the same thing.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..models import DetrAdapter, build_detector
+
+FLOOR, STUDENT = "teacher_floor", "student"
+RANGES = ("detrkd::teacher", "detrkd::student", "detrkd::decode", "detrkd::solve")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """The teacher / student presets of the benchmark (random weights: timing only)."""
+
+    teacher_family: str = "rt_detr"
+    teacher_preset: str = "small"
+    student_family: str = "rt_detr"
+    student_preset: str = "tiny"
+    num_classes: int = 10
+
+    def build(self, queries: int, seed: int = 0) -> tuple[DetrAdapter, DetrAdapter]:
+        torch.manual_seed(seed)
+        teacher = build_detector(self.teacher_family, self.teacher_preset, self.num_classes, num_queries=queries)
+        student = build_detector(self.student_family, self.student_preset, self.num_classes, num_queries=queries)
+        return teacher, student
+
+
+def method_specs(names: Sequence[str] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+    """name -> the ``methods`` mapping of its accuracy-suite config (``agfd`` / ``lapd``: that part of
+    ``qskd`` alone). Default: every method of the ``all`` suite, then AGFD and LAPD alone."""
+    from ..config import DistillConfig, load_config
+    from .accuracy import ROWS, SUITES
+
+    choices = [*SUITES["all"], "agfd", "lapd"]
+    unknown = sorted(set(names or ()) - set(choices))
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {choices}")
+    specs: dict[str, dict[str, dict[str, Any]]] = {}
+    for name in names or choices:
+        row = "qskd" if name in ("agfd", "lapd") else name
+        methods = dict(load_config(ROWS[row].config, schema=DistillConfig).methods)
+        specs[name] = {name: methods[name]} if row != name else methods
+    return specs
+
+
+def fixed_batch(batch_size: int, image_size: int, data: Path | None, num_classes: int) -> dict[str, Any]:
+    """The first ``batch_size`` training images of ``data`` (square inputs, as RT-DETR trains), or a
+    synthetic batch of random images with 2-8 random boxes each when ``data`` is None."""
+    from ..data.collate import collate
+
+    if data is None:
+        gen = torch.Generator().manual_seed(0)
+        items = []
+        for _ in range(batch_size):
+            n = int(torch.randint(2, 9, (1,), generator=gen))
+            centres, sizes = torch.rand(n, 2, generator=gen) * 0.6 + 0.2, torch.rand(n, 2, generator=gen) * 0.2 + 0.05
+            target = {"class_labels": torch.randint(0, num_classes, (n,), generator=gen),
+                      "boxes": torch.cat([centres, sizes], 1)}
+            items.append((torch.rand(3, image_size, image_size, generator=gen), target))
+        return collate(items)
+    from ..data.coco import CocoDetection
+    from ..data.transforms import make_transforms
+
+    dataset = CocoDetection(data / "train", data / "annotations" / "instances_train.json",
+                            make_transforms("val", image_size, square=True))
+    return collate([dataset[i] for i in range(batch_size)])
+
+
+def step_fn(teacher: DetrAdapter, student: DetrAdapter, methods: dict[str, dict[str, Any]] | None,
+            batch: dict[str, Any]) -> tuple[Callable[[], dict[str, float]], nn.Module]:
+    """A closure running one training step (returns its phase times in seconds) and the module it
+    trains. ``methods=None``: the student alone; ``{}``: student + teacher forward (the floor)."""
+    from ..distill.base import Distiller
+    from ..distill.train import build_methods
+
+    if methods is None:
+        module: nn.Module = student
+
+        def loss() -> Tensor:
+            return student(batch["pixel_values"], batch["pixel_mask"], labels=batch["labels"]).loss
+    else:
+        built, weights = build_methods(methods, teacher, student)
+        module = Distiller(teacher, student, built, weights)
+
+        def loss() -> Tensor:
+            return module(batch)[0]
+    module.train()
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5)
+
+    def step() -> dict[str, float]:
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        value = loss()
+        t1 = time.perf_counter()
+        value.backward()
+        t2 = time.perf_counter()
+        optimizer.step()
+        t3 = time.perf_counter()
+        return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "total": t3 - t0}
+
+    return step, module
+
+
+def time_steps(step: Callable[[], dict[str, float]], steps: int, warmup: int) -> list[float]:
+    """Wall seconds of ``steps`` steps after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        step()
+    return [step()["total"] for _ in range(steps)]
+
+
+def profile_step(step: Callable[[], dict[str, float]], method_names: Sequence[str]) -> dict[str, float]:
+    """Milliseconds per phase of one profiled step: the library's ranges, each method's own range,
+    backward and optimizer (``other`` = forward time outside the named ranges)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        phases = step()
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        if event.key in RANGES or event.key.startswith("detrkd::method/"):
+            totals[event.key.removeprefix("detrkd::")] = event.cpu_time_total / 1e3
+    out = {k: round(v, 1) for k, v in totals.items()}
+    top = sum(totals.get(k, 0.0) for k in ("teacher", "student")) + sum(
+        totals.get(f"method/{m}", 0.0) for m in method_names)
+    out.update(backward=round(phases["backward"] * 1e3, 1), optimizer=round(phases["optimizer"] * 1e3, 1),
+               other=round(max(0.0, phases["forward"] * 1e3 - top), 1), total=round(phases["total"] * 1e3, 1))
+    return out
+
+
+def run_overhead(pair: Pair, queries: Sequence[int] = (300, 900), methods: Sequence[str] | None = None,
+                 batch_size: int = 8, image_size: int = 256, steps: int = 5, warmup: int = 2,
+                 data: Path | None = None, breakdown: int = 3,
+                 log: Callable[[str], None] = print) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows ``{method, queries, sec_per_step, overhead_vs_floor, min, max}`` for every method and
+    query count, and ``{"q=<queries>": {method: breakdown ms}}`` for the ``breakdown`` slowest
+    methods at each query count."""
+    specs = method_specs(methods)
+    batch = fixed_batch(batch_size, image_size, data, pair.num_classes)
+    rows: list[dict[str, Any]] = []
+    breakdowns: dict[str, Any] = {}
+    for q in queries:
+        teacher, _ = pair.build(q)
+        timed: dict[str, list[float]] = {}
+        steps_by_name: dict[str, Callable[[], dict[str, float]]] = {}
+        for name, spec in [(STUDENT, None), (FLOOR, {}), *specs.items()]:
+            _, student = pair.build(q, seed=1)
+            step, _ = step_fn(teacher, student, spec, batch)
+            timed[name] = time_steps(step, steps, warmup)
+            steps_by_name[name] = step
+            log(f"q={q} {name:22s} {statistics.median(timed[name]):.3f} s/step")
+        floor = statistics.median(timed[FLOOR])
+        for name, times in timed.items():
+            median = statistics.median(times)
+            rows.append({"method": name, "queries": q, "sec_per_step": round(median, 4),
+                         "overhead_vs_floor": round(median / floor - 1, 4),
+                         "min": round(min(times), 4), "max": round(max(times), 4)})
+        slowest = sorted(specs, key=lambda n: -statistics.median(timed[n]))[:breakdown]
+        breakdowns[f"q={q}"] = {n: profile_step(steps_by_name[n], list(specs[n])) for n in slowest}
+    return rows, breakdowns
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """Methods down, query counts across: seconds per step and overhead over the floor."""
+    queries = sorted({r["queries"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cell = {(r["method"], r["queries"]): r for r in rows}
+    head = "| method | " + " | ".join(f"s/step q={q} | vs floor q={q}" for q in queries) + " |"
+    lines = [head, "|" + "---|" * (1 + 2 * len(queries))]
+    for m in methods:
+        cells = []
+        for q in queries:
+            r = cell.get((m, q))
+            cells += ["", ""] if r is None else [f"{r['sec_per_step']:.3f}", f"{r['overhead_vs_floor'] * 100:+.0f}%"]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Grouped bars: seconds per step per method, one bar per query count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    queries = sorted({r["queries"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cell = {(r["method"], r["queries"]): r["sec_per_step"] for r in rows}
+    width = 0.8 / len(queries)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(methods)), 4.5))
+    for i, q in enumerate(queries):
+        xs = [j + (i - (len(queries) - 1) / 2) * width for j in range(len(methods))]
+        ax.bar(xs, [cell.get((m, q), 0.0) for m in methods], width, label=f"{q} queries")
+    ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
+    ax.set_ylabel("seconds per training step")
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

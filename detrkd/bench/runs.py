@@ -1,0 +1,121 @@
+"""Running ``detrkd`` commands for the benchmarks and reading their run directories.
+
+Every benchmark run is a real ``detrkd train`` / ``detrkd distill`` subprocess (the command a user
+would type, recorded next to the result), so a run is isolated (threads, memory) and can be resumed:
+a finished run is reused, an interrupted one is continued with ``--resume``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+STATS = ("ap", "ap50", "ap75", "aps", "apm", "apl")
+
+
+def run(cmd: Sequence[str], cwd: Path | None = None) -> None:
+    """Run a command, echoing it; raises ``CalledProcessError`` on failure."""
+    print("+", shlex.join(cmd), flush=True)
+    subprocess.run(list(cmd), check=True, cwd=cwd)
+
+
+def detrkd_cmd(*args: str) -> list[str]:
+    """``python -m detrkd ARGS`` with this interpreter."""
+    return [sys.executable, "-m", "detrkd", *args]
+
+
+def shown(args: Sequence[str]) -> str:
+    """The command line as a user types it (``detrkd ...``)."""
+    return shlex.join(["detrkd", *args])
+
+
+def ensure_trained(command: str, config: Path, run_dir: Path, sets: Sequence[str]) -> str:
+    """Run ``detrkd <command> --config <config> --set ...`` to completion in ``run_dir`` (resuming
+    an interrupted run, skipping a finished one); returns the command line."""
+    args = [command, "--config", str(config), *(x for kv in sets for x in ("--set", kv)),
+            "--set", f"output_dir={run_dir}"]
+    if not (run_dir / "last.pt").exists():
+        run(detrkd_cmd(*args, "--no-progress"))
+    elif not run_finished(run_dir):
+        run(detrkd_cmd(*args, "--no-progress", "--resume"))
+    return shown(args)
+
+
+def evaluate_run(run_dir: Path, data: Path) -> tuple[dict[str, Any], str]:
+    """(COCO stats of ``run_dir/last.pt`` on the full val split, the command); cached in
+    ``run_dir/eval_val.json``."""
+    out = run_dir / "eval_val.json"
+    args = ["eval", "--checkpoint", str(run_dir / "last.pt"), "--data", str(data), "--out", str(out)]
+    if not out.exists():
+        run(detrkd_cmd(*args, "--no-progress"))
+    return json.loads(out.read_text()), shown(args)
+
+
+def run_config(run_dir: Path) -> dict[str, Any]:
+    """The resolved ``config.yaml`` a run wrote."""
+    return yaml.safe_load((run_dir / "config.yaml").read_text())
+
+
+def run_finished(run_dir: Path) -> bool:
+    """True if ``metrics.jsonl`` holds the evaluation of the final epoch."""
+    epochs = run_config(run_dir)["optim"]["epochs"]
+    return any(r.get("type") == "eval" and r.get("epoch") == epochs for r in read_metrics(run_dir))
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def eval_curve(run_dir: Path) -> list[tuple[int, float]]:
+    """(epoch, AP) of the periodic evaluations in ``metrics.jsonl``."""
+    return [(r["epoch"], r["ap"]) for r in read_metrics(run_dir) if r.get("type") == "eval"]
+
+
+def train_minutes(run_dir: Path) -> float:
+    """Wall time of the training steps (data loading included, evaluation excluded), from the
+    per-window ``sec_per_step`` of ``metrics.jsonl``; exact across resumes."""
+    seconds, last_step = 0.0, 0
+    for record in read_metrics(run_dir):
+        if record.get("type") == "train":
+            seconds += record["sec_per_step"] * (record["step"] - last_step)
+            last_step = record["step"]
+    return seconds / 60
+
+
+def hardware() -> str:
+    """CPU model, core count and OS (plus the CUDA device when there is one)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    text = f"{cpu}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}"
+    import torch
+
+    if torch.cuda.is_available():
+        text += f"; {torch.cuda.get_device_name()}"
+    return text
+
+
+def git_sha() -> str:
+    """Short commit of the working tree (``unknown`` outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
