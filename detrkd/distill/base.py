@@ -105,12 +105,16 @@ class Distiller(nn.Module):
     def forward(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         """batch: ``collate`` output -> (total loss, {term name: weighted term})."""
         pixel_values, pixel_mask, targets = batch["pixel_values"], batch["pixel_mask"], batch["labels"]
-        with torch.no_grad(), record_function("detrkd::teacher"):
-            teacher_out = self.teacher(pixel_values, pixel_mask, with_attention=self._needs("teacher"))
+        teacher_out = None
+        if self.methods:  # no methods (no-KD): the teacher's output would go unused, so it is not run
+            with torch.no_grad(), record_function("detrkd::teacher"):
+                teacher_out = self.teacher(pixel_values, pixel_mask, with_attention=self._needs("teacher"))
         with record_function("detrkd::student"):
             student_out = self.student(pixel_values, pixel_mask, labels=targets,
                                        with_attention=self._needs("student"))
         terms = {"det/loss": student_out.loss}
+        if teacher_out is None:
+            return student_out.loss, terms
         ctx = DistillContext(self.student, self.teacher, student_out, teacher_out, targets)
         for name, method in self.methods.items():
             with record_function(f"detrkd::method/{name}"):

@@ -88,11 +88,13 @@ def parse_kinds(kinds: str | Sequence[str]) -> tuple[PairKind, ...]:
 @torch.no_grad()
 def prediction_cost(teacher_logits: Tensor, teacher_boxes: Tensor, student_logits: Tensor,
                     student_boxes: Tensor, heads: tuple[ClassHead, ClassHead],
-                    weights: CostWeights | tuple[float, float, float] = CostWeights()) -> Tensor:
+                    weights: CostWeights | tuple[float, float, float] = CostWeights(),
+                    out: Tensor | None = None) -> Tensor:
     """Teacher-vs-student matching cost, detached float32.
 
     teacher_logits [B, Qt, Kt], teacher_boxes [B, Qt, 4], student_logits [B, Qs, Ks],
-    student_boxes [B, Qs, 4]; heads = (teacher head, student head) -> [B, Qt, Qs].
+    student_boxes [B, Qs, 4]; heads = (teacher head, student head) -> [B, Qt, Qs]
+    (written into ``out``, float32 [B, Qt, Qs] on the inputs' device, when given: faster).
     Mixed heads: both sides become real-class probabilities [.., C], passed to ``pairwise_cost``
     as sigmoid logits (sigmoid(logit(p)) = p), so the class cost is their L1 distance.
     """
@@ -102,7 +104,8 @@ def prediction_cost(teacher_logits: Tensor, teacher_boxes: Tensor, student_logit
         t = torch.logit(class_probabilities(t, heads[0]), eps=1e-6)
         s = torch.logit(class_probabilities(s, heads[1]), eps=1e-6)
         head = "sigmoid"
-    return pairwise_cost(t, teacher_boxes.detach().float(), s, student_boxes.detach().float(), head, weights)
+    return pairwise_cost(t, teacher_boxes.detach().float(), s, student_boxes.detach().float(), head, weights,
+                         out=out)
 
 
 def local_alignment(teacher_sel: QuerySelection, student_sel: QuerySelection, teacher_logits: Tensor,

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 METHODS: dict[str, str] = {
     "active_sampling": "active_sampling:ActiveSampling",
     "agfd": "agfd:AGFD",
+    "fitnet": "fitnet:FitNet",
+    "global_alignment": "global_alignment:GlobalAlignment",
     "kd_detr": "kd_detr:KDDETR",
     "lapd": "lapd:LAPD",
 }
