@@ -100,6 +100,7 @@ def step_fn(teacher: DetrAdapter, student: DetrAdapter, methods: dict[str, dict[
     from ..distill.base import Distiller
     from ..distill.train import build_methods
 
+    teacher.requires_grad_(False).eval()
     if not methods:
         module: nn.Module = student
 
