@@ -18,6 +18,7 @@ Conventions (see ``docs/DESIGN.md``, "Distributed"):
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -182,6 +183,18 @@ def globally_normalised_loss(loss: Tensor, box_part: Tensor, scale: Tensor) -> T
     if float(scale) == 1.0:
         return loss
     return loss + (scale.to(box_part.dtype) - 1) * box_part
+
+
+def check_no_accelerate_state() -> None:
+    """Refuse a data-parallel run in which accelerate's ``PartialState`` exists: HF's DETR-style
+    losses then all-reduce ``num_boxes`` themselves and ``detection_loss`` would do it twice.
+    (``accelerate launch`` only sets the launcher variables; detrkd never creates the state.)"""
+    accelerate = sys.modules.get("accelerate")
+    state = getattr(accelerate, "PartialState", None)
+    if getattr(state, "_shared_state", None):
+        raise RuntimeError("accelerate's PartialState is initialised in this process (an Accelerator was "
+                           "created): HF's DETR losses would then average num_boxes on top of detrkd's "
+                           "own averaging; run detrkd without creating an Accelerator")
 
 
 def detection_loss(model: Any, out: Any, targets: Sequence[dict[str, Tensor]]) -> Tensor:

@@ -55,8 +55,8 @@ from tqdm.auto import tqdm
 from detrkd.checkpoint import (BEST, LAST, load_checkpoint, load_model_entries, model_entries,
                                rng_state, save_checkpoint, set_rng_state)
 from detrkd.config import OptimConfig, TrainConfig, config_to_dict, dump_config
-from detrkd.distributed import (all_gather, any_flags, barrier, detection_loss, init_distributed,
-                                local_device, mean_values, shard, world)
+from detrkd.distributed import (all_gather, any_flags, barrier, check_no_accelerate_state, detection_loss,
+                                init_distributed, local_device, mean_values, shard, world)
 
 log = logging.getLogger("detrkd")
 
@@ -355,6 +355,7 @@ class Trainer:
         if not isinstance(compute_loss, nn.Module):
             raise TrainingError("a data-parallel run needs compute_loss to be an nn.Module holding every "
                                 "trained parameter (DetectorLoss, Distiller), so that DDP can wrap it")
+        check_no_accelerate_state()
         ignored = ddp_ignored_names(compute_loss)
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(compute_loss, ignored)
         ids = [self.device.index] if self.device.type == "cuda" else None
