@@ -526,8 +526,8 @@ class Trainer:
             fetch_start = time.perf_counter()
             for batch in loader:
                 self._step(batch, bar, data_seconds=time.perf_counter() - fetch_start)
-                if self._stop:
-                    self._interrupt()
+                if self._stop or (self._signal is not None and not self.world.distributed):
+                    self._interrupt()  # (ranks agree on stopping inside the step)
                 if self._reached_max_steps():  # before the next batch is loaded (RNG untouched)
                     return
                 fetch_start = time.perf_counter()

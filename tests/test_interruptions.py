@@ -19,7 +19,7 @@ from detrkd.checkpoint import CheckpointError, load_checkpoint
 from detrkd.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-TOTAL_STEPS = 8  # 8 images, batch 2, 2 epochs
+TOTAL_STEPS = 16  # 16 images, batch 2, 2 epochs
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def digits(tmp_path_factory) -> Path:
     from detrkd.data.digits import make_digits_dataset
 
     out = tmp_path_factory.mktemp("digits")
-    make_digits_dataset(out, train_images=8, val_images=2, image_size=64)
+    make_digits_dataset(out, train_images=16, val_images=2, image_size=64)
     return out
 
 
@@ -50,13 +50,20 @@ def start(config: Path, *extra: str) -> subprocess.Popen:
 
 
 def wait_for_checkpoint(proc: subprocess.Popen, path: Path, after_step: int) -> None:
-    """Poll until ``path`` holds a checkpoint past ``after_step`` (writes are atomic renames)."""
-    deadline = time.monotonic() + 180
+    """Poll until ``path`` holds a checkpoint past ``after_step``. Writes are atomic renames, so a
+    new file is a new inode: only then is it read (reading every time would slow the polling)."""
+    deadline, seen = time.monotonic() + 180, None
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"the run ended before it could be interrupted: {proc.communicate()}"
-        if path.is_file() and load_checkpoint(path)["global_step"] > after_step:
-            return
-        time.sleep(0.02)
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            stat = None
+        if stat is not None and (stat.st_ino, stat.st_mtime_ns) != seen:
+            seen = (stat.st_ino, stat.st_mtime_ns)
+            if load_checkpoint(path)["global_step"] > after_step:
+                return
+        time.sleep(0.01)
     raise AssertionError(f"no checkpoint past step {after_step} in {path}")
 
 
