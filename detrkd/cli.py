@@ -2,7 +2,9 @@
 
     detrkd data digits --out DIR [--train-images N --val-images N --image-size S --seed K --overwrite]
     detrkd train [--config CFG.yaml] [--set key=value ...] [--output-dir DIR] [--resume]
-                 [--family F --preset P --data ROOT --epochs N --device D]
+                 [--family F --preset P --data ROOT --epochs N --device D --seed K]
+    detrkd distill ...  (as train, plus --teacher PATH)
+    torchrun --nproc-per-node N -m detrkd train|distill ...   (data-parallel; README "Running at scale")
     detrkd eval --checkpoint PATH [--data ROOT] [--split val] [--image-size S] [--batch-size B]
                 [--max-images N] [--device D] [--out metrics.json]
     detrkd predict --checkpoint PATH --image IMG --out OUT.png [--threshold 0.3] [--image-size S]
@@ -10,7 +12,8 @@
                 [--out stats.json]   |   ... --image-id ID | --image IMG  --figure OUT.png [--gt-index K]
 
 User errors (missing files, bad configs, bad checkpoints) print one ``detrkd: error: ...`` line and
-exit with status 2; ``--debug`` shows the traceback instead.
+exit with status 2; ``--debug`` shows the traceback instead. A training run stopped by SIGTERM
+writes ``last.pt`` and exits with status 143 (resume it with ``--resume``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,11 +29,12 @@ from typing import Any, Sequence
 from detrkd import __version__
 from detrkd.checkpoint import CheckpointError
 from detrkd.config import ConfigError
-from detrkd.engine import TrainingError
+from detrkd.engine import TrainingError, TrainingInterrupted
 
 USER_ERRORS = (ConfigError, CheckpointError, TrainingError, OSError, ValueError)
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM: stopped cleanly on request, last.pt written
 
 
 # ---- parser ---------------------------------------------------------------------------------
@@ -99,6 +104,8 @@ def _add_run_arguments(train: argparse.ArgumentParser) -> None:
     shortcuts.add_argument("--data", help="data.root, a dataset in the digits layout")
     shortcuts.add_argument("--epochs", type=int, help="optim.epochs")
     shortcuts.add_argument("--device", help="device, e.g. cpu or cuda")
+    shortcuts.add_argument("--seed", type=int, help="seed: weights init, data order, augmentation "
+                                                    "(a CPU run repeats bit-for-bit)")
     _add_progress_flag(train)
 
 
@@ -210,6 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(debug)
     try:
         return int(args.func(args) or 0)
+    except TrainingInterrupted as exc:
+        if _is_main_process():
+            print(f"detrkd: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         if debug:
             raise
@@ -220,12 +231,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"detrkd: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        from detrkd.distributed import shutdown_distributed
+
+        shutdown_distributed()
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a ``torchrun`` job, or a plain process (the launcher's ``RANK`` variable)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _setup_logging(debug: bool) -> None:
     """``detrkd`` log messages (warnings, resume notes, eval results) go to stderr."""
     logger = logging.getLogger("detrkd")
-    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    # in a data-parallel job only rank 0 reports progress; the others still report problems
+    logger.setLevel(logging.DEBUG if debug else logging.INFO if _is_main_process() else logging.WARNING)
     if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
@@ -266,7 +287,7 @@ def train_overrides(args: argparse.Namespace) -> list[str | tuple[str, Any]]:
     """Config overrides from the shortcut flags (typed pairs) followed by ``--set`` strings."""
     shortcuts = {"model.family": args.family, "model.preset": args.preset, "data.root": args.data,
                  "optim.epochs": args.epochs, "device": args.device, "output_dir": args.output_dir,
-                 "teacher": getattr(args, "teacher", None)}
+                 "seed": args.seed, "teacher": getattr(args, "teacher", None)}
     pairs: list[str | tuple[str, Any]] = [(k, v) for k, v in shortcuts.items() if v is not None]
     return pairs + list(args.overrides)
 
@@ -280,7 +301,9 @@ def train_config_source(args: argparse.Namespace) -> Path | None:
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-    """One line: where a training / distillation run stopped and its best val AP."""
+    """One line (rank 0 only): where a training / distillation run stopped and its best val AP."""
+    if not _is_main_process():
+        return
     best = summary["best_metric"]
     status = "stopped at optim.max_steps" if summary["stopped_early"] else "done"
     print(f"{status}: {summary['global_step']} steps, epoch {summary['epoch']}, "

@@ -153,8 +153,16 @@ class TrainConfig:
     threads: int | None = None
     # torch device, e.g. "cpu" or "cuda"
     device: str = "cpu"
-    # bfloat16 autocast for forward + loss
+    # bfloat16 autocast for forward + loss (GPU; on CPU it is slower and less precise)
     amp: bool = False
+    # PyTorch's deterministic algorithms (GPU; CPU runs repeat bit-for-bit without it)
+    deterministic: bool = False
+    # BatchNorm in training: "train" (per-process batch statistics), "frozen" (eval mode: running
+    # statistics, affine still trained), "sync" (SyncBatchNorm across processes; CUDA only)
+    batch_norm: Literal["train", "frozen", "sync"] = "train"
+    # data-parallel runs: let DDP find parameters a step did not use (safe for every method;
+    # false is a little faster when every trained parameter gets a gradient at every step)
+    find_unused_parameters: bool = True
 
     def __post_init__(self) -> None:
         _check(self.eval_every_epochs >= 0, "eval_every_epochs must be >= 0")

@@ -19,6 +19,14 @@ resuming skips the batches of the interrupted epoch that were already consumed a
 Python / NumPy / torch RNG states, so with ``num_workers=0`` a resumed run ends with the same
 weights as an uninterrupted one. Evaluation runs with the RNG states saved and restored, so it does
 not perturb training. (With workers the data order is still exact, augmentation draws are not.)
+
+Data-parallel runs (``torchrun``; see ``detrkd.distributed``): ``compute_loss`` must then be an
+``nn.Module`` holding every trained parameter (``DetectorLoss``, ``Distiller``); it is wrapped in
+``DistributedDataParallel`` (frozen children such as the teacher are ignored by DDP: no gradient
+sync, no buffer broadcast). ``data.batch_size`` stays the global batch: rank r trains on the r-th
+part of every global batch of the same ``(seed, epoch)`` order. Skipping a non-finite step and
+stopping on SIGTERM are agreed by all ranks (one small all-reduce per step); only rank 0 writes
+``config.yaml``, ``metrics.jsonl`` and checkpoints (which hold every rank's RNG state).
 """
 
 from __future__ import annotations
@@ -27,7 +35,10 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
+import signal
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -37,12 +48,15 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from detrkd.checkpoint import (BEST, LAST, load_checkpoint, load_model_entries, model_entries,
                                rng_state, save_checkpoint, set_rng_state)
 from detrkd.config import OptimConfig, TrainConfig, config_to_dict, dump_config
+from detrkd.distributed import (all_gather, any_flags, barrier, check_no_accelerate_state, detection_loss,
+                                init_distributed, local_device, mean_values, shard, world)
 
 log = logging.getLogger("detrkd")
 
@@ -63,6 +77,10 @@ class NonFiniteLossError(TrainingError):
     """The loss (or gradient) was non-finite for ``max_nonfinite_in_row`` steps in a row."""
 
 
+class TrainingInterrupted(Exception):
+    """Training stopped on SIGTERM after writing ``last.pt``; ``--resume`` continues it."""
+
+
 # ---- runtime ------------------------------------------------------------------------------
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
@@ -71,11 +89,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def setup_runtime(config: TrainConfig) -> None:
-    """Apply ``threads`` and seed all generators with ``config.seed``."""
+def setup_runtime(config: TrainConfig) -> torch.device:
+    """Apply ``threads`` and ``deterministic``, join the launcher's process group (if any) and seed
+    all generators with ``config.seed`` (the same on every rank: identical initial weights).
+    Returns this process's device."""
     if config.threads is not None:
         torch.set_num_threads(config.threads)
+    if config.deterministic:
+        use_deterministic_algorithms()
+    device = init_distributed(config.device)
     seed_everything(config.seed)
+    return device
+
+
+def use_deterministic_algorithms() -> None:
+    """PyTorch's deterministic mode (what ``deterministic: true`` turns on). CPU runs repeat
+    bit-for-bit without it; on GPU it removes most run-to-run noise but kernels without a
+    deterministic version (e.g. ``grid_sample`` backward in deformable attention) only warn."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
 
 
 @contextlib.contextmanager
@@ -168,10 +201,23 @@ def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int) -> lis
     return [order[i:i + batch_size] for i in range(0, num_items, batch_size)]
 
 
+def steps_per_epoch(num_items: int, batch_size: int, world_size: int = 1) -> int:
+    """Optimizer steps per epoch: global batches, less a last one too small to give every process
+    an image (only possible when ``num_items % batch_size < world_size``)."""
+    full, rest = divmod(num_items, batch_size)
+    return full + (rest >= world_size and rest > 0)
+
+
 def epoch_loader(dataset: Dataset, collate_fn: Callable, batch_size: int, num_workers: int,
-                 seed: int, epoch: int, skip: int = 0) -> DataLoader:
-    """A DataLoader over ``epoch``'s batches, starting after the first ``skip`` of them."""
-    batches = epoch_batches(len(dataset), batch_size, seed, epoch)[skip:]  # type: ignore[arg-type]
+                 seed: int, epoch: int, skip: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """A DataLoader over ``epoch``'s batches, starting after the first ``skip`` of them.
+
+    batch_size is global: with ``world_size`` processes, rank ``rank`` loads its ``shard`` of each
+    global batch (every image of the epoch on exactly one rank)."""
+    batches = epoch_batches(len(dataset), batch_size, seed, epoch)  # type: ignore[arg-type]
+    batches = batches[:steps_per_epoch(len(dataset), batch_size, world_size)][skip:]  # type: ignore[arg-type]
+    if world_size > 1:
+        batches = [shard(b, rank, world_size) for b in batches]
     generator = torch.Generator().manual_seed(seed + epoch)  # the loader's base seed, not global RNG
     return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn,
                       num_workers=num_workers, generator=generator)
@@ -254,12 +300,14 @@ class Trainer:
     """Trains ``model`` (plus ``extra_modules``) by minimising ``compute_loss`` over a dataset.
 
     model:          the module that is checkpointed as ``model`` (and evaluated)
-    compute_loss:   ``batch (on device) -> (loss, {term name: tensor})``
+    compute_loss:   ``batch (on device) -> (loss, {term name: tensor})``; an ``nn.Module`` holding
+                    every trained parameter when the run is data-parallel (it is wrapped in DDP)
     param_groups:   named optimizer groups (see ``detector_param_groups``/``named_param_groups``);
                     each group's ``lr`` is its peak LR
     train_dataset, collate_fn: the training data; batches come from ``epoch_loader``
     config:         the run config (``optim``, ``data.batch_size``/``num_workers``, output, ...)
-    evaluate_fn:    ``model -> {"ap": ..., ...}``; called in eval mode under ``no_grad``
+    evaluate_fn:    ``model -> {"ap": ..., ...}``; called in eval mode under ``no_grad`` on every
+                    rank (it gathers the ranks' results itself, see ``make_eval_fn``)
     extra_modules:  other trained modules to checkpoint and switch to train mode (heads, ...)
     """
 
@@ -267,14 +315,22 @@ class Trainer:
                  train_dataset: Dataset, collate_fn: Callable, config: TrainConfig, *,
                  evaluate_fn: EvalFn | None = None, extra_modules: dict[str, nn.Module] | None = None,
                  progress: bool = True):
-        if len(train_dataset) == 0:  # type: ignore[arg-type]
-            raise TrainingError("the training set is empty")
-        self.model, self.compute_loss, self.config = model, compute_loss, config
+        self.world = world()
+        if len(train_dataset) < max(1, self.world.size):  # type: ignore[arg-type]
+            raise TrainingError(f"the training set has {len(train_dataset)} images, "  # type: ignore[arg-type]
+                                f"fewer than the {self.world.size} processes" if self.world.distributed
+                                else "the training set is empty")
+        if config.data.batch_size < self.world.size:
+            raise TrainingError(f"data.batch_size is the global batch: {config.data.batch_size} cannot be "
+                                f"split over {self.world.size} processes (each needs an image)")
+        self.model, self.config = model, config
         self.dataset, self.collate_fn, self.evaluate_fn = train_dataset, collate_fn, evaluate_fn
         self.extra_modules = dict(extra_modules or {})
-        self.progress = progress
-        self.device = torch.device(config.device)
-        self.steps_per_epoch = math.ceil(len(train_dataset) / config.data.batch_size)  # type: ignore[arg-type]
+        self.progress = progress and self.world.is_main
+        self.device = local_device(config.device)
+        self.compute_loss = self._wrap_loss(compute_loss)
+        self.steps_per_epoch = steps_per_epoch(len(train_dataset), config.data.batch_size,  # type: ignore[arg-type]
+                                               self.world.size)
         self.optimizer = build_optimizer(param_groups, config.optim)
         self.scheduler = build_scheduler(self.optimizer, config.optim, self.steps_per_epoch)
         self.run_dir = Path(config.output_dir)
@@ -282,20 +338,46 @@ class Trainer:
         self.pos = Position()
         self.last_eval: dict[str, float] | None = None
         self._window = _Window()
+        self._signal: int | None = None  # set by the SIGTERM handler
+        self._stop = False  # all ranks agreed to stop after this step
+        if self.world.distributed:  # same weights everywhere, different augmentation / dropout draws
+            seed_everything(config.seed + 1000 * self.world.rank)
+
+    def _wrap_loss(self, compute_loss: LossFn) -> LossFn:
+        """SyncBatchNorm (``batch_norm: sync``) and the DDP wrapper of a data-parallel run."""
+        if self.config.batch_norm == "sync":
+            if not (self.world.distributed and self.device.type == "cuda"):
+                raise TrainingError("batch_norm: sync needs a multi-process run on CUDA "
+                                    "(torch's SyncBatchNorm has no CPU implementation)")
+            compute_loss = nn.SyncBatchNorm.convert_sync_batchnorm(compute_loss)  # type: ignore[arg-type]
+        if not self.world.distributed:
+            return compute_loss
+        if not isinstance(compute_loss, nn.Module):
+            raise TrainingError("a data-parallel run needs compute_loss to be an nn.Module holding every "
+                                "trained parameter (DetectorLoss, Distiller), so that DDP can wrap it")
+        check_no_accelerate_state()
+        ignored = ddp_ignored_names(compute_loss)
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(compute_loss, ignored)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(compute_loss, device_ids=ids,
+                                       find_unused_parameters=self.config.find_unused_parameters)
 
     # ---- public ------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Train to the end of ``optim.epochs`` (or ``optim.max_steps``); returns a summary.
 
         Writes ``config.yaml``, ``metrics.jsonl``, ``last.pt`` and ``best.pt`` into the run dir.
-        ``resume=True`` continues from ``last.pt`` exactly where it stopped.
+        ``resume=True`` continues from ``last.pt`` exactly where it stopped. SIGTERM (e.g. from a
+        cluster scheduler) ends the current step, writes ``last.pt`` and raises ``TrainingInterrupted``.
         """
         self.prepare_run_dir(resume)
-        dump_config(self.config, self.run_dir / CONFIG_FILE)
         if resume:
             self.resume_from(self.run_dir / LAST)
-        for module in self._trained_modules():
-            module.train()
+        self._train_mode()
+        with self._sigterm_stops():
+            return self._fit()
+
+    def _fit(self) -> dict[str, Any]:
         while self.pos.epoch < self.config.optim.epochs:
             if self._reached_max_steps():
                 self.save(LAST)
@@ -313,14 +395,19 @@ class Trainer:
                 "run_dir": str(self.run_dir)}
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything a checkpoint holds (see ``detrkd.checkpoint``)."""
+        """Everything a checkpoint holds (see ``detrkd.checkpoint``); a collective in a
+        data-parallel run (every rank's RNG state is gathered)."""
+        rng = rng_state()
+        ranks_rng = all_gather(rng) if self.world.distributed else None
         return {
             **model_entries(self.model),
             "extra_modules": {k: m.state_dict() for k, m in self.extra_modules.items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             **asdict(self.pos),
-            "rng": rng_state(),
+            "rng": rng,
+            "rank_rng": ranks_rng,
+            "world_size": self.world.size,
             "config": config_to_dict(self.config),
             "data_size": len(self.dataset),  # type: ignore[arg-type]
             "batch_size": self.config.data.batch_size,
@@ -328,8 +415,13 @@ class Trainer:
         }
 
     def save(self, name: str) -> Path:
-        """Atomically write the current state to ``run_dir/name``."""
-        return save_checkpoint(self.run_dir / name, self.state_dict())
+        """Atomically write the current state to ``run_dir/name`` (rank 0; the others wait)."""
+        state = self.state_dict()
+        path = self.run_dir / name
+        if self.world.is_main:
+            save_checkpoint(path, state)
+        barrier()
+        return path
 
     def resume_from(self, path: Path) -> None:
         """Restore model, extra modules, optimizer, scheduler, position and RNG from ``path``."""
@@ -348,21 +440,51 @@ class Trainer:
         fields = Position.__dataclass_fields__
         self.pos = Position(**{k: state[k] for k in fields if k in state})
         self._window = _Window(**state.get("log_window", {}))
-        set_rng_state(state["rng"])
-        truncate_metrics(self.metrics_path, self.pos.global_step)
-        log.info("resumed from %s at epoch %d, batch %d (step %d)", path, self.pos.epoch + 1,
-                 self.pos.batch_in_epoch, self.pos.global_step)
+        self._restore_rng(state, path)
+        if self.world.is_main:
+            truncate_metrics(self.metrics_path, self.pos.global_step)
+            log.info("resumed from %s at epoch %d, batch %d (step %d)", path, self.pos.epoch + 1,
+                     self.pos.batch_in_epoch, self.pos.global_step)
+
+    def _restore_rng(self, state: dict[str, Any], path: Path) -> None:
+        """This rank's RNG state; after a change in the number of processes the data order is
+        still exact (global batches), only augmentation / dropout draws continue differently."""
+        ranks = state.get("rank_rng") or [state["rng"]]
+        if len(ranks) == self.world.size:
+            set_rng_state(ranks[self.world.rank])
+            return
+        if self.world.is_main:
+            log.warning("%s was written by %d processes, this run has %d: data order and weights are "
+                        "restored exactly, random augmentation continues with new draws",
+                        path, len(ranks), self.world.size)
+        set_rng_state(ranks[0])
+        if self.world.distributed:
+            seed_everything(self.config.seed + 1000 * self.world.rank + self.pos.global_step)
 
     # ---- setup -------------------------------------------------------------------------
     def _trained_modules(self) -> list[nn.Module]:
         return [self.model, *self.extra_modules.values()]
 
+    def _train_mode(self) -> None:
+        """Trained modules to train mode; BatchNorm layers stay in eval mode with ``batch_norm: frozen``."""
+        for module in self._trained_modules():
+            module.train()
+            if self.config.batch_norm == "frozen":
+                for child in module.modules():
+                    if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                        child.eval()
+
     def prepare_run_dir(self, resume: bool) -> None:
-        """Create the run dir; refuse to start over an existing run or to resume a missing one."""
+        """Create the run dir and write ``config.yaml`` (rank 0); refuse to start over an existing
+        run or to resume a missing one."""
         check_run_dir(self.run_dir, resume)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume and self.metrics_path.exists():
-            self.metrics_path.unlink()
+        barrier()  # every rank has checked before rank 0 writes anything
+        if self.world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not resume and self.metrics_path.exists():
+                self.metrics_path.unlink()
+            dump_config(self.config, self.run_dir / CONFIG_FILE)
+        barrier()
 
     def _check_resumable(self, state: dict[str, Any], path: Path) -> None:
         now = (len(self.dataset), self.config.data.batch_size)  # type: ignore[arg-type]
@@ -375,21 +497,47 @@ class Trainer:
         if missing:
             raise TrainingError(f"cannot resume from {path}: it has no weights for {missing}")
 
+    @contextlib.contextmanager
+    def _sigterm_stops(self) -> Iterator[None]:
+        """While training, SIGTERM asks for a clean stop after the current step (main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            self._signal = signum
+
+        previous = signal.signal(signal.SIGTERM, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
     # ---- one epoch ---------------------------------------------------------------------
     def _run_epoch(self) -> None:
         """Train over the rest of the current epoch, or until ``max_steps``."""
         cfg, pos = self.config, self.pos
-        loader = epoch_loader(self.dataset, self.collate_fn, cfg.data.batch_size,
-                              cfg.data.num_workers, cfg.seed, pos.epoch, skip=pos.batch_in_epoch)
+        loader = epoch_loader(self.dataset, self.collate_fn, cfg.data.batch_size, cfg.data.num_workers,
+                              cfg.seed, pos.epoch, skip=pos.batch_in_epoch, rank=self.world.rank,
+                              world_size=self.world.size)
         bar = tqdm(total=self.steps_per_epoch, initial=pos.batch_in_epoch, disable=not self.progress,
                    desc=f"epoch {pos.epoch + 1}/{cfg.optim.epochs}", dynamic_ncols=True, leave=False)
         with bar:
             fetch_start = time.perf_counter()
             for batch in loader:
                 self._step(batch, bar, data_seconds=time.perf_counter() - fetch_start)
+                if self._stop or (self._signal is not None and not self.world.distributed):
+                    self._interrupt()  # (ranks agree on stopping inside the step)
                 if self._reached_max_steps():  # before the next batch is loaded (RNG untouched)
                     return
                 fetch_start = time.perf_counter()
+
+    def _interrupt(self) -> None:
+        self.save(LAST)
+        raise TrainingInterrupted(
+            f"stopped by signal {self._signal or 'on another process'} at step {self.pos.global_step} "
+            f"(epoch {self.pos.epoch + 1}, batch {self.pos.batch_in_epoch}); {self.run_dir / LAST} "
+            f"is written, continue with --resume")
 
     def _reached_max_steps(self) -> bool:
         max_steps = self.config.optim.max_steps
@@ -416,14 +564,15 @@ class Trainer:
         return max(group["lr"] for group in self.optimizer.param_groups)
 
     def _train_step(self, batch: Batch) -> tuple[float, dict[str, float]] | None:
-        """Forward, backward, clip, step. None if the step was skipped (non-finite)."""
+        """Forward, backward, clip, step. None if the step was skipped (non-finite on any rank)."""
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.amp):
             loss, terms = self.compute_loss(batch)
-        if not torch.isfinite(loss.detach()).all():
+        bad_loss, self._stop = any_flags(not bool(torch.isfinite(loss.detach()).all()), self._signal is not None)
+        if bad_loss:
             self._skip("loss", float(loss.detach()), terms)
             return None
-        loss.backward()
+        loss.backward()  # DDP: gradients are averaged over ranks here
         norm = self._clip_gradients()
         if not math.isfinite(norm):
             self._skip("gradient norm", norm, terms)
@@ -434,6 +583,8 @@ class Trainer:
         return float(loss.detach()), {k: float(v.detach()) for k, v in terms.items()}
 
     def _clip_gradients(self) -> float:
+        """Clip to ``optim.clip_grad``; returns the total norm (the same on every rank: the
+        gradients are already averaged)."""
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         if not params:
             return 0.0
@@ -446,7 +597,10 @@ class Trainer:
         self.pos.nonfinite_total += 1
         limit = self.config.optim.max_nonfinite_in_row
         bad = [k for k, v in terms.items() if not torch.isfinite(v.detach()).all()]
-        detail = f"non-finite terms: {', '.join(bad)}" if bad else "all terms finite"
+        if bad:
+            detail = f"non-finite terms: {', '.join(bad)}"
+        else:
+            detail = "non-finite on another process" if math.isfinite(value) else "all terms finite"
         log.warning("step %d: non-finite %s (%s; %s), step skipped (%d in a row, %d in total)",
                     self.pos.global_step + 1, what, value, detail, self.pos.nonfinite_in_row,
                     self.pos.nonfinite_total)
@@ -461,9 +615,11 @@ class Trainer:
         if self.pos.global_step % self.config.log_every_steps:
             return
         window, self._window = self._window, _Window()
-        append_metrics(self.metrics_path, {
-            "type": "train", "step": self.pos.global_step, "epoch": self.pos.epoch + 1, "lr": lr,
-            **window.record(self.config.log_every_steps), "skipped_steps": self.pos.nonfinite_total})
+        record = mean_values(window.record(self.config.log_every_steps))  # averaged over ranks
+        if self.world.is_main:
+            append_metrics(self.metrics_path, {
+                "type": "train", "step": self.pos.global_step, "epoch": self.pos.epoch + 1, "lr": lr,
+                **record, "skipped_steps": self.pos.nonfinite_total})
 
     def _maybe_checkpoint(self) -> None:
         every = self.config.checkpoint_every_steps
@@ -499,7 +655,7 @@ class Trainer:
         return False
 
     def evaluate(self) -> dict[str, float]:
-        """Run ``evaluate_fn`` now (eval mode, no grad, RNG untouched) and log the result."""
+        """Run ``evaluate_fn`` now (eval mode, no grad, RNG untouched) and log the result (rank 0)."""
         assert self.evaluate_fn is not None
         modules = self._trained_modules()
         with preserved_rng(), torch.no_grad():
@@ -508,25 +664,45 @@ class Trainer:
             try:
                 stats = self.evaluate_fn(self.model)
             finally:
-                for module in modules:
-                    module.train()
+                self._train_mode()
         self.last_eval = {k: float(v) for k, v in stats.items() if isinstance(v, (int, float))}
-        append_metrics(self.metrics_path, {"type": "eval", "step": self.pos.global_step,
-                                           "epoch": self.pos.epoch + 1, **self.last_eval})
-        log.info("epoch %d eval: %s", self.pos.epoch + 1,
-                 ", ".join(f"{k}={v:.4f}" for k, v in self.last_eval.items()))
+        if self.world.is_main:
+            append_metrics(self.metrics_path, {"type": "eval", "step": self.pos.global_step,
+                                               "epoch": self.pos.epoch + 1, **self.last_eval})
+            log.info("epoch %d eval: %s", self.pos.epoch + 1,
+                     ", ".join(f"{k}={v:.4f}" for k, v in self.last_eval.items()))
         return self.last_eval
 
 
-# ---- plain detector training (``detrkd train``) -------------------------------------------
-def detector_loss(model: nn.Module) -> LossFn:
-    """``compute_loss`` of plain training: the detector's own (HF) loss and its terms."""
-    def compute_loss(batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        out = model(batch["pixel_values"], batch["pixel_mask"], labels=batch["labels"])
-        terms = {k: v for k, v in (out.loss_dict or {}).items() if isinstance(v, Tensor) and v.numel() == 1}
-        return out.loss, terms
+def ddp_ignored_names(module: nn.Module) -> list[str]:
+    """Parameters and buffers DDP must neither synchronise nor broadcast: every frozen parameter
+    and all of a direct child without trainable parameters (the teacher: inference only)."""
+    names = [n for n, p in module.named_parameters() if not p.requires_grad]
+    for child_name, child in module.named_children():
+        params = list(child.parameters())
+        if params and not any(p.requires_grad for p in params):
+            names += [f"{child_name}.{n}" for n, _ in child.named_buffers()]
+    return names
 
-    return compute_loss
+
+# ---- plain detector training (``detrkd train``) -------------------------------------------
+class DetectorLoss(nn.Module):
+    """``compute_loss`` of plain training as a module (so that DDP can wrap it): the detector's
+    own (HF) loss, its box normaliser averaged over processes, and its terms (this rank's)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        out = self.model(batch["pixel_values"], batch["pixel_mask"], labels=batch["labels"])
+        terms = {k: v for k, v in (out.loss_dict or {}).items() if isinstance(v, Tensor) and v.numel() == 1}
+        return detection_loss(self.model, out, batch["labels"]), terms
+
+
+def detector_loss(model: nn.Module) -> DetectorLoss:
+    """``compute_loss`` of plain training (``DetectorLoss``)."""
+    return DetectorLoss(model)
 
 
 def make_detector(config: TrainConfig, num_classes: int, class_names: Sequence[str] | None = None) -> nn.Module:
@@ -572,29 +748,44 @@ def make_datasets(config: TrainConfig, splits: Sequence[str] = ("train", "val"))
 
 
 def make_eval_fn(config: TrainConfig, dataset: Any, progress: bool = False) -> EvalFn:
-    """``model -> COCO stats`` on ``dataset`` (``detrkd.evaluation.evaluate``)."""
+    """``model -> COCO stats`` on ``dataset`` (``detrkd.evaluation.evaluate``).
+
+    Data-parallel: each rank evaluates its contiguous shard of the (first ``eval_max_images``)
+    images, the detections are gathered on rank 0 once, the stats computed there and broadcast.
+    """
     from detrkd.data.collate import collate
     from detrkd.evaluation import evaluate
 
-    loader = DataLoader(dataset, batch_size=config.data.batch_size, shuffle=False,
+    w = world()
+    max_images = config.eval_max_images
+    part = dataset
+    if w.distributed:
+        count = len(dataset) if max_images is None else min(len(dataset), max_images)
+        part, max_images = Subset(dataset, shard(range(count), w.rank, w.size)), None
+    loader = DataLoader(part, batch_size=max(1, config.data.batch_size // w.size), shuffle=False,
                         collate_fn=collate, num_workers=config.data.num_workers)
+    device = local_device(config.device)
 
     def evaluate_fn(model: nn.Module) -> dict[str, float]:
-        return evaluate(model, loader, dataset, torch.device(config.device),
-                        max_images=config.eval_max_images, progress=progress)
+        return evaluate(model, loader, dataset, device, max_images=max_images,
+                        progress=progress and w.is_main, gather=w.distributed)
 
     return evaluate_fn
 
 
-def train_detector(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Plain training of one detector as configured; returns ``Trainer.summary()``."""
+def build_trainer(config: TrainConfig, resume: bool = False, progress: bool = True) -> Trainer:
+    """The ``Trainer`` of plain training of one detector as configured (process group joined)."""
     from detrkd.data.collate import collate
 
     check_run_dir(Path(config.output_dir), resume)
-    setup_runtime(config)
+    device = setup_runtime(config)
     data = make_datasets(config)
-    model = make_detector(config, data["train"].num_classes, data["train"].class_names).to(config.device)
+    model = make_detector(config, data["train"].num_classes, data["train"].class_names).to(device)
     evaluate_fn = make_eval_fn(config, data["val"], progress) if len(data["val"]) else None
-    trainer = Trainer(model, detector_loss(model), detector_param_groups(model, config.optim),
-                      data["train"], collate, config, evaluate_fn=evaluate_fn, progress=progress)
-    return trainer.fit(resume=resume)
+    return Trainer(model, DetectorLoss(model), detector_param_groups(model, config.optim),
+                   data["train"], collate, config, evaluate_fn=evaluate_fn, progress=progress)
+
+
+def train_detector(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Plain training of one detector as configured; returns ``Trainer.summary()``."""
+    return build_trainer(config, resume, progress).fit(resume=resume)

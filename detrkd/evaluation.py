@@ -223,6 +223,7 @@ def evaluate(
     progress: bool = False,
     top_k: int = 100,
     backend: Backend = "auto",
+    gather: bool = False,
 ) -> dict[str, float]:
     """COCO-evaluate a detector on a loader of ``collate`` batches.
 
@@ -230,11 +231,38 @@ def evaluate(
              ``DetectorOutput``; run in eval mode under ``torch.no_grad`` (its mode is restored).
     dataset: gives the GT (``coco_gt``, ``cat_ids``), e.g. the ``CocoDetection`` behind the loader.
     max_images: stop after this many images (the last batch is cut).
+    gather:  data-parallel evaluation: every process passes a loader over its own shard; the
+             detections are gathered on rank 0 once (``CocoEvaluator.merge``), the stats computed
+             there and broadcast, so every process returns the same stats.
     returns  the COCO stats (``STAT_NAMES``) + ``images_per_sec`` (model forward + postprocess
-             time only, not data loading) + ``num_images``.
+             time only, not data loading; with ``gather``: all images / the slowest process's
+             time) + ``num_images``.
     """
-    device = torch.device(device)
     evaluator = CocoEvaluator.from_dataset(dataset, backend)
+    count, seconds = _detect(model, loader, evaluator, torch.device(device), max_images, progress, top_k)
+    if not gather:
+        return _stats(evaluator, count, seconds)
+    from detrkd.distributed import broadcast_from_main, gather_to_main
+
+    parts = gather_to_main((evaluator.state(), count, seconds))
+    stats = None
+    if parts is not None:
+        for state, _, _ in parts[1:]:
+            evaluator.merge(state)
+        stats = _stats(evaluator, sum(p[1] for p in parts), max(p[2] for p in parts))
+    return broadcast_from_main(stats)
+
+
+def _stats(evaluator: CocoEvaluator, count: int, seconds: float) -> dict[str, float]:
+    stats: dict[str, float] = evaluator.compute()
+    stats["images_per_sec"] = count / seconds if seconds > 0 else 0.0
+    stats["num_images"] = count
+    return stats
+
+
+def _detect(model: torch.nn.Module, loader: Iterable[dict[str, Any]], evaluator: CocoEvaluator,
+            device: torch.device, max_images: int | None, progress: bool, top_k: int) -> tuple[int, float]:
+    """Run the model over the loader into ``evaluator``; returns (images, model seconds)."""
     total = _progress_total(loader, max_images)
     bar = _progress_bar(progress, total)
     was_training = model.training
@@ -267,10 +295,7 @@ def evaluate(
         model.train(was_training)
         if bar is not None:
             bar.close()
-    stats: dict[str, float] = evaluator.compute()
-    stats["images_per_sec"] = count / seconds if seconds > 0 else 0.0
-    stats["num_images"] = count
-    return stats
+    return count, seconds
 
 
 def _progress_total(loader: Any, max_images: int | None) -> int | None:

@@ -183,6 +183,14 @@ def test_missing_teacher_attention_and_width_errors():
         AGFD(8, 16, mask="none")(ctx)
 
 
+def test_mismatched_widths_without_a_connector_name_both_widths():
+    t, s = torch.randn(1, 4, 16), torch.randn(1, 4, 8)
+    ctx = hand_ctx(hand_output(t), hand_output(s))
+    with pytest.raises(ValueError, match=r"teacher width 8 \(no connector\).*teacher memory has width 16"):
+        AGFD(8, 8, mask="none")(ctx)  # built as if both were 8 wide: no connector to bridge 8 -> 16
+    assert AGFD(16, 8, mask="none")(ctx)["feature"].isfinite()  # built from the real widths: connector
+
+
 def test_grid_mismatch_raises_naming_both_shapes():
     t, s = torch.randn(1, 6, 8), torch.randn(1, 6, 8)
     ctx = hand_ctx(hand_output(t, shapes=[[2, 3]]), hand_output(s, shapes=[[3, 2]]))

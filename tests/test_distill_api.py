@@ -86,6 +86,32 @@ def test_class_sets_must_agree(pair):
     Distiller(teacher, named, {})  # HF's default names ("LABEL_i") mean "unnamed": no conflict
 
 
+def test_teacher_of_the_wrong_family_or_class_set_names_the_file(pair, tmp_path):
+    from detrkd.checkpoint import model_entries, save_checkpoint
+    from detrkd.distill.train import load_teacher
+
+    teacher, _ = pair
+    base = {"model": {"family": "rt_detr", "preset": "tiny"}, "data": {"root": "d"}}
+
+    def load(path) -> None:
+        load_teacher(load_config({**base, "teacher": str(path)}, schema=DistillConfig), num_classes=4)
+
+    other_module = save_checkpoint(tmp_path / "head.pt", model_entries(torch.nn.Linear(2, 2)))
+    with pytest.raises(ConfigError, match=r"head\.pt is a detrkd checkpoint without a detector"):
+        load(other_module)
+    mislabelled = save_checkpoint(tmp_path / "mixed.pt", {**model_entries(teacher), "family": "detr"})
+    with pytest.raises(ConfigError, match=r"mixed\.pt: checkpoint says family 'detr' but its HF config is 'rt_detr'"):
+        load(mislabelled)
+    (tmp_path / "resnet").mkdir()
+    (tmp_path / "resnet" / "config.json").write_text(json.dumps({"model_type": "resnet"}))
+    with pytest.raises(ConfigError, match=r"resnet/config\.json: HF model type 'resnet' is not a supported DETR family"):
+        load(tmp_path / "resnet")
+    save_detector(build_detector("rt_detr", "tiny", 7), tmp_path / "seven")
+    with pytest.raises(ConfigError, match=r"seven predicts 7 classes, the data has 4"):
+        load(tmp_path / "seven")
+    load(save_checkpoint(tmp_path / "ok.pt", model_entries(teacher)))
+
+
 def test_weights_for_unknown_methods_are_rejected(pair):
     teacher, student = pair
     with pytest.raises(ValueError, match="unknown methods"):

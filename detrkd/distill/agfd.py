@@ -198,6 +198,12 @@ class AGFD(DistillMethod):
     def forward(self, ctx: DistillContext) -> dict[str, Tensor]:
         t_mem, s_mem = ctx.teacher_out.memory, ctx.student_out.memory
         check_same_grid(ctx.teacher_out, ctx.student_out)
+        if t_mem.tokens.shape[-1] != self.teacher_width:
+            connector = (f"a connector {self.student_width} -> {self.teacher_width}" if self.connector is not None
+                         else "no connector")
+            raise ValueError(f"AGFD was built for a teacher width {self.teacher_width} ({connector}), but the "
+                             f"teacher memory has width {t_mem.tokens.shape[-1]}: build AGFD from the teacher "
+                             f"and student it distils (a connector is created when their widths differ)")
         valid = ~(t_mem.padding_mask | s_mem.padding_mask.to(t_mem.padding_mask.device))
         weight = self.token_mask(ctx)
         if self.mask != "none":

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import record_function
 
+from ..distributed import detection_loss
 from ..models.base import DetectorOutput, DetrAdapter
 from .query_selection import QuerySelection, group_query_selection
 
@@ -78,7 +79,10 @@ class Distiller(nn.Module):
 
     methods: name -> method; weights: name -> lambda (default 1.0) applied to all its terms.
     The teacher is frozen (``requires_grad=False``) and stays in eval mode whatever ``train()``
-    is called with.
+    is called with. In a data-parallel run the whole ``Distiller`` is wrapped in DDP, which then
+    ignores the teacher (``engine.ddp_ignored_names``): it is replicated for inference only. The
+    detection loss is normalised by the box count averaged over processes (``detection_loss``);
+    the methods' terms are per-process means (their normalisers are documented per method).
     """
 
     def __init__(self, teacher: DetrAdapter, student: DetrAdapter, methods: dict[str, DistillMethod],
@@ -112,9 +116,9 @@ class Distiller(nn.Module):
         with record_function("detrkd::student"):
             student_out = self.student(pixel_values, pixel_mask, labels=targets,
                                        with_attention=self._needs("student"))
-        terms = {"det/loss": student_out.loss}
+        terms = {"det/loss": detection_loss(self.student, student_out, targets)}
         if teacher_out is None:
-            return student_out.loss, terms
+            return terms["det/loss"], terms
         ctx = DistillContext(self.student, self.teacher, student_out, teacher_out, targets)
         for name, method in self.methods.items():
             with record_function(f"detrkd::method/{name}"):

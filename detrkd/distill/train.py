@@ -67,22 +67,27 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module) -> int:
 
 
 def load_teacher(config: DistillConfig, num_classes: int) -> DetrAdapter:
-    teacher = load_detector(config.teacher)
+    """The frozen teacher of ``config.teacher``; errors name the path and what is wrong with it."""
+    try:
+        teacher = load_detector(config.teacher)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise ConfigError(f"teacher {config.teacher} is not a detector detrkd can load: {exc}") from exc
     if teacher.num_classes != num_classes:
         raise ConfigError(f"teacher {config.teacher} predicts {teacher.num_classes} classes, "
                           f"the data has {num_classes}")
     return teacher
 
 
-def distill_detector(config: DistillConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Distil the configured student from ``config.teacher``; returns ``Trainer.summary()``."""
+def build_distill_trainer(config: DistillConfig, resume: bool = False, progress: bool = True) -> Any:
+    """The ``Trainer`` of a distillation run as configured (process group joined)."""
+    from pathlib import Path
+
     from ..data.collate import collate
     from ..engine import (Trainer, check_run_dir, detector_param_groups, make_datasets, make_detector,
                           make_eval_fn, named_param_groups, setup_runtime)
-    from pathlib import Path
 
     check_run_dir(Path(config.output_dir), resume)
-    setup_runtime(config)
+    device = setup_runtime(config)
     data = make_datasets(config)
     num_classes = data["train"].num_classes
     student = make_detector(config, num_classes, data["train"].class_names)
@@ -90,13 +95,17 @@ def distill_detector(config: DistillConfig, resume: bool = False, progress: bool
     if config.init_from_teacher and not resume:
         log.info("init_from_teacher: copied %d tensors", init_from_teacher(student, teacher))
     methods, weights = build_methods(config.methods, teacher, student)
-    distiller = Distiller(teacher, student, methods, weights).to(torch.device(config.device))
+    distiller = Distiller(teacher, student, methods, weights).to(device)
     extra = distiller.trainable_modules()
     groups = detector_param_groups(student, config.optim)
     for name, module in extra.items():
         groups += named_param_groups(f"distill/{name}", module.named_parameters(),
                                      config.optim.lr, config.optim.weight_decay)
     evaluate_fn = make_eval_fn(config, data["val"], progress) if len(data["val"]) else None
-    trainer = Trainer(student, distiller, groups, data["train"], collate, config,
-                      evaluate_fn=evaluate_fn, extra_modules=extra, progress=progress)
-    return trainer.fit(resume=resume)
+    return Trainer(student, distiller, groups, data["train"], collate, config,
+                   evaluate_fn=evaluate_fn, extra_modules=extra, progress=progress)
+
+
+def distill_detector(config: DistillConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Distil the configured student from ``config.teacher``; returns ``Trainer.summary()``."""
+    return build_distill_trainer(config, resume, progress).fit(resume=resume)

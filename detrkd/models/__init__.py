@@ -81,7 +81,13 @@ def load_detector(path: str | Path) -> DetrAdapter:
     from ..checkpoint import load_checkpoint
 
     state = load_checkpoint(path)
-    adapter = detector_from_state(state["family"], state["hf_config"])
+    if state.get("family") is None or state.get("hf_config") is None:
+        raise ValueError(f"{path} is a detrkd checkpoint without a detector (its 'family' / "
+                         f"'hf_config' keys are empty: it was written for another kind of module)")
+    try:
+        adapter = detector_from_state(state["family"], state["hf_config"])
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
     adapter.model.load_state_dict(state["model"])
     return adapter
 
@@ -91,7 +97,10 @@ def _load_pretrained_dir(path: Path) -> DetrAdapter:
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} is a directory without config.json: not a from_pretrained dir")
     model_type = json.loads(config_file.read_text()).get("model_type")
-    cls = adapter_class(family_of_model_type(model_type))
+    try:
+        cls = adapter_class(family_of_model_type(model_type))
+    except ValueError as exc:
+        raise ValueError(f"{config_file}: {exc}") from exc
     from transformers import AutoModelForObjectDetection
 
     # the attention implementation is not saved in config.json; eager is the one that returns maps

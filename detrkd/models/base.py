@@ -250,6 +250,18 @@ class DetrAdapter(nn.Module):
             decoder_inputs=rec["decoder"],
         )
 
+    def box_normalised_loss(self, out: DetectorOutput) -> Tensor:
+        """The part of ``out.loss`` that the HF loss divides by the number of GT boxes (scalar).
+
+        All of it for every family whose classification loss is a focal / varifocal loss over
+        ``num_boxes`` (Conditional, DAB, Deformable, RT-DETR v1/v2); DETR and D-FINE override it.
+        ``detrkd.distributed`` rescales this part so that it is normalised by the box count
+        averaged over processes (DETR's convention), not by this process's own.
+        """
+        if out.loss is None:
+            raise ValueError("box_normalised_loss needs a forward with labels (out.loss is None)")
+        return out.loss
+
     def decode(
         self,
         out: DetectorOutput,

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...box_ops import inverse_sigmoid
-from ..base import Predictions, PresetSize
+from ..base import DetectorOutput, Predictions, PresetSize
 from .rt_detr import RTDETRAdapter, v2_deformable_samples
 
 
@@ -108,6 +108,13 @@ class DFineAdapter(RTDETRAdapter):
     def from_config(cls, config: Any) -> "DFineAdapter":
         check_eval_idx(config)
         return super().from_config(config)
+
+    def box_normalised_loss(self, out: DetectorOutput) -> Tensor:
+        """All but the DDF terms (``loss_ddf*``, normalised by the batch's positive / negative
+        counts, not by ``num_boxes``); the RT-DETR-family terms come already weighted."""
+        ddf = [v for k, v in (out.loss_dict or {}).items() if k.startswith("loss_ddf")]
+        loss = super().box_normalised_loss(out)
+        return loss - torch.stack(ddf).sum() if ddf else loss
 
     def _layer_outputs(self, dec_out: Any, kw: dict[str, Any]) -> Predictions:
         return fdr_heads(self.decoder, dec_out.intermediate_hidden_states, kw["reference_points"])

@@ -210,6 +210,16 @@ class DETRAdapter(DenseDetrAdapter):
     def _heads(self, hidden: Tensor) -> Predictions:
         return Predictions(self.model.class_labels_classifier(hidden), self.model.bbox_predictor(hidden).sigmoid())
 
+    def box_normalised_loss(self, out: DetectorOutput) -> Tensor:
+        """The weighted L1 and GIoU terms (all layers): DETR's cross-entropy is a (weighted) mean
+        over the queries, not a sum over ``num_boxes``."""
+        terms = out.loss_dict or {}
+        cfg = self.config
+        weights = {"loss_bbox": cfg.bbox_loss_coefficient, "loss_giou": cfg.giou_loss_coefficient}
+        parts = [weight * value for key, value in terms.items() for prefix, weight in weights.items()
+                 if key == prefix or key.startswith(prefix + "_")]
+        return torch.stack(parts).sum() if parts else super().box_normalised_loss(out) * 0
+
     def _predictions(self, rec: dict[str, Any], hf_out: Any) -> tuple[Predictions, None]:
         hidden = self._layer_states(self._capture["layers"], rec["decoder_out"].last_hidden_state)
         return self._heads(hidden), None
