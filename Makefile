@@ -1,4 +1,4 @@
-# The two quick-start commands (README): `make baseline` and `make test`.
+# The two quick-start commands (README): `make distill` and `make test`.
 # Every install goes through constraints.txt, which pins torch==2.13.0 (CPU build here): an
 # unpinned install would pull the newest torch with gigabytes of CUDA packages.
 PYTHON ?= python3
@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: setup baseline test
+.PHONY: setup distill baseline bench test
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,13 @@ $(VENV)/.installed: $(BIN)/activate pyproject.toml constraints.txt
 	@touch $@
 
 setup: $(VENV)/.installed  ## create .venv and install detrkd (pinned torch) with test extras
+
+distill: setup  ## the main job: digits data -> teacher, no-KD student and QSKD student trained + evaluated -> their table (~2 h on 2 cores)
+	$(BIN)/detrkd bench accuracy --suite qskd --only qskd
+
+bench: setup  ## every method at its paper defaults (accuracy.json; hours on 2 cores) and the step-time overhead
+	$(BIN)/detrkd bench overhead --threads 2
+	$(BIN)/detrkd bench accuracy --suite all
 
 baseline: setup  ## digits data -> teacher and student trained and evaluated -> their table (~1.5 h on 2 cores)
 	$(BIN)/python benchmarks/baseline.py

@@ -21,7 +21,9 @@ from typing import Any
 
 import yaml
 
-from common import ROOT, STATS, detrkd, ensure_trained, evaluate_run, git_sha, hardware, run, train_minutes
+from detrkd.bench.runs import (STATS, detrkd_cmd, ensure_trained, evaluate_run, git_sha, hardware, run,
+                               train_minutes)
+
 
 def role_row(run_dir: Path, stats: dict[str, Any]) -> dict[str, Any]:
     """One role's entry, from the run's resolved ``config.yaml`` and its val ``stats``."""
@@ -33,7 +35,7 @@ def role_row(run_dir: Path, stats: dict[str, Any]) -> dict[str, Any]:
         "train_minutes": round(train_minutes(run_dir), 1),
         "epochs": config["optim"]["epochs"], "batch_size": config["data"]["batch_size"],
         "image_size": config["data"]["image_size"], "threads": config["threads"],
-        "run_dir": str(run_dir.relative_to(ROOT)),
+        "run_dir": str(run_dir),
     }
 
 
@@ -56,12 +58,12 @@ def main() -> None:
     args = parser.parse_args()
     commands: list[str] = []
     if not (args.data / "annotations" / "instances_val.json").exists():
-        cmd = detrkd("data", "digits", "--out", str(args.data))
+        cmd = detrkd_cmd("data", "digits", "--out", str(args.data))
         run(cmd)
     commands.append(shlex.join(["detrkd", "data", "digits", "--out", str(args.data)]))
     rows = {}
     for role, config in (("teacher", args.teacher), ("student", args.student)):
-        run_dir = ROOT / yaml.safe_load(config.read_text())["output_dir"]
+        run_dir = Path(yaml.safe_load(config.read_text())["output_dir"])
         commands.append(ensure_trained("train", config, run_dir, [f"data.root={args.data}"]))
         stats, eval_command = evaluate_run(run_dir, args.data)
         commands.append(eval_command)

@@ -20,7 +20,6 @@ hours on a 2-core CPU), ``gpu`` a larger teacher / student on a larger digits se
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -74,6 +73,7 @@ class Preset:
     """Sizing of every run of a suite: ``--set`` overrides for all runs, for the teacher only and
     for the students only; the data to use (made with ``detrkd data digits DATA_ARGS``)."""
 
+    name: str
     prefix: str
     data: Path
     data_args: tuple[str, ...] = ()
@@ -84,9 +84,9 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    "cpu": Preset("digits", Path("data/digits"),
+    "cpu": Preset("cpu", "digits", Path("data/digits"),
                   notes="configs as committed: 2000 train images, 256 px, 12 epochs, batch 8, 2 threads"),
-    "gpu": Preset("digits_gpu", Path("data/digits_gpu"), data_args=("--train-images", "20000", "--val-images", "1000"),
+    "gpu": Preset("gpu", "digits_gpu", Path("data/digits_gpu"), data_args=("--train-images", "20000", "--val-images", "1000"),
                   sets=("device=cuda", "threads=null", "data.num_workers=4", "data.batch_size=16",
                         "optim.epochs=24", "optim.warmup_steps=1000", "eval_max_images=null"),
                   teacher_sets=("model.preset=base",), student_sets=("model.preset=small",),
@@ -143,7 +143,7 @@ def result_row(name: str, run_dir: Path, stats: dict[str, Any], teacher_ap: floa
             "eval_curve": eval_curve(run_dir), "command": commands}
 
 
-def run_suite(name: str, preset: str = "cpu", only: Sequence[str] | None = None,
+def run_suite(name: str, preset: str | Preset = "cpu", only: Sequence[str] | None = None,
               out: Path | None = None, results_dir: Path = Path("benchmarks/results")) -> list[dict[str, Any]]:
     """Run (or reuse) the teacher, the no-KD student and the suite's rows; write the result file
     (``<suite>.json``, or ``accuracy.json`` for ``all``), ``*_meta.json``, a markdown table and a
@@ -154,7 +154,7 @@ def run_suite(name: str, preset: str = "cpu", only: Sequence[str] | None = None,
     if unknown:
         raise ValueError(f"--only: {unknown} are not rows of suite {name!r}; its rows: {rows}")
     out = out or results_dir / RESULT_FILES.get(name, f"{name}.json")
-    suite = Suite(name, PRESETS[preset], rows, out)
+    suite = Suite(name, PRESETS[preset] if isinstance(preset, str) else preset, rows, out)
     data_command = suite.ensure_data()
     base = {role: suite.train(role) for role in ("teacher", "no_kd")}
     for role in ("teacher", "no_kd"):
@@ -165,16 +165,18 @@ def run_suite(name: str, preset: str = "cpu", only: Sequence[str] | None = None,
         if only is None or row in only or (suite.run_dir(row) / "eval_val.json").exists():
             stats[row] = suite.train(row)
     results = [result_row(r, suite.run_dir(r), s, t_ap, s_ap, suite.commands[r]) for r, s in stats.items()]
-    write_results(results, suite, preset)
+    write_results(results, suite)
     return results
 
 
-def write_results(results: list[dict[str, Any]], suite: Suite, preset: str) -> None:
+def write_results(results: list[dict[str, Any]], suite: Suite) -> None:
+    """The result file, its ``_meta.json``, markdown table and PNG plot."""
     import torch
 
     out = suite.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
+    preset = suite.preset.name
     meta = {"suite": suite.name, "preset": preset, "preset_notes": suite.preset.notes, "hardware": hardware(),
             "torch": torch.__version__, "git_sha": git_sha(),
             "command": f"detrkd bench accuracy --suite {suite.name} --preset {preset}"}
@@ -219,13 +221,3 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def format_gap(rows: list[dict[str, Any]]) -> str:
-    """One line: the best distilled row and the share of the teacher-student gap it closes."""
-    methods = [r for r in rows if r["method"] not in ("teacher", "no_kd") and r["gap_closed"] is not None]
-    if not methods:
-        return "no distilled rows yet"
-    best = max(methods, key=lambda r: r["ap"])
-    gap = best["gap_closed"]
-    return f"best: {best['method']} AP {best['ap']:.3f}, closes {gap * 100:.0f}% of the gap" if math.isfinite(gap) else ""

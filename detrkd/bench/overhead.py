@@ -53,20 +53,27 @@ class Pair:
 
 
 def method_specs(names: Sequence[str] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
-    """name -> the ``methods`` mapping of its accuracy-suite config (``agfd`` / ``lapd``: that part of
-    ``qskd`` alone). Default: every method of the ``all`` suite, then AGFD and LAPD alone."""
+    """name -> the ``methods`` mapping of its accuracy-suite config. Besides the ``all`` suite's rows:
+    ``agfd`` / ``lapd`` (that part of ``qskd`` alone) and ``global_alignment_reference`` (the same
+    matching done the naive way, per decoder layer with scipy, image after image)."""
     from ..config import DistillConfig, load_config
     from .accuracy import ROWS, SUITES
 
-    choices = [*SUITES["all"], "agfd", "lapd"]
+    parts = {"agfd": ("qskd", {}), "lapd": ("qskd", {}), "global_alignment_reference":
+             ("global_alignment", {"reference": True})}
+    choices = [*SUITES["all"], *parts]
     unknown = sorted(set(names or ()) - set(choices))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {choices}")
     specs: dict[str, dict[str, dict[str, Any]]] = {}
     for name in names or choices:
-        row = "qskd" if name in ("agfd", "lapd") else name
+        row, extra = parts.get(name, (name, None))
         methods = dict(load_config(ROWS[row].config, schema=DistillConfig).methods)
-        specs[name] = {name: methods[name]} if row != name else methods
+        if extra is None:
+            specs[name] = methods
+        else:
+            key = name if name in methods else row
+            specs[name] = {key: {**methods[key], **extra}}
     return specs
 
 

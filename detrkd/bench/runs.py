@@ -77,9 +77,9 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def eval_curve(run_dir: Path) -> list[tuple[int, float]]:
-    """(epoch, AP) of the periodic evaluations in ``metrics.jsonl``."""
-    return [(r["epoch"], r["ap"]) for r in read_metrics(run_dir) if r.get("type") == "eval"]
+def eval_curve(run_dir: Path) -> list[list[float]]:
+    """[epoch, AP] of the periodic evaluations in ``metrics.jsonl``."""
+    return [[r["epoch"], round(r["ap"], 4)] for r in read_metrics(run_dir) if r.get("type") == "eval"]
 
 
 def train_minutes(run_dir: Path) -> float:

@@ -1,0 +1,116 @@
+"""The benchmark commands: every suite row is a valid run, the overhead timer and the accuracy suite
+write their files with the promised fields (on tiny models and data)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from detrkd.bench.accuracy import ROWS, SUITES, Preset, markdown, run_suite
+from detrkd.bench.overhead import FLOOR, STUDENT, Pair, method_specs, run_overhead
+from detrkd.cli import main
+from detrkd.config import DistillConfig, TrainConfig, load_config
+from detrkd.distill.train import build_methods
+from detrkd.models import build_detector
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ("model.preset=tiny", "data.image_size=64", "data.batch_size=4", "optim.epochs=1",
+        "optim.warmup_steps=1", "eval_max_images=4", "threads=1", "log_every_steps=1")
+
+
+@pytest.mark.parametrize("name", sorted(ROWS))
+def test_every_row_is_a_valid_run(name, monkeypatch):
+    """Each row's config plus its overrides loads, and its methods build on a teacher / student."""
+    monkeypatch.chdir(REPO)
+    row = ROWS[name]
+    if row.command == "train":
+        load_config(row.config, row.sets)
+        return
+    config = load_config(row.config, row.sets, schema=DistillConfig)
+    assert config.methods, name
+    teacher, student = (build_detector("rt_detr", p, 10) for p in ("small", "tiny"))
+    methods, _ = build_methods(config.methods, teacher, student)
+    assert set(methods) == set(config.methods)
+
+
+def test_suites_name_known_rows_and_ablations_change_one_thing(monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert all(r in ROWS for rows in SUITES.values() for r in rows)
+    base = load_config(ROWS["active_sampling"].config, schema=DistillConfig).methods["active_sampling"]
+    swept = load_config(ROWS["active_sampling_t8"].config, ROWS["active_sampling_t8"].sets,
+                        schema=DistillConfig).methods["active_sampling"]
+    assert {k for k in base if base[k] != swept[k]} == {"temperature"}
+    assert base["temperature"] == 4.0 and swept["temperature"] == 8.0
+
+
+def test_run_suite_rejects_rows_outside_the_suite(tmp_path):
+    with pytest.raises(ValueError, match="not rows of suite 'qskd'"):
+        run_suite("qskd", only=["kd_detr"], out=tmp_path / "x.json")
+
+
+def test_method_specs_are_the_suite_configs(monkeypatch):
+    monkeypatch.chdir(REPO)
+    specs = method_specs()
+    assert set(specs["qskd"]) == {"agfd", "lapd"} and set(specs["agfd"]) == {"agfd"}
+    assert specs["kd_detr"]["kd_detr"]["points"] == "both"
+    with pytest.raises(ValueError, match="unknown methods"):
+        method_specs(["nope"])
+
+
+def test_overhead_rows_and_breakdown(tmp_path, monkeypatch):
+    """The CLI times student, floor and methods per query count and writes json / md / png."""
+    monkeypatch.chdir(REPO)
+    torch.set_num_threads(1)
+    out = tmp_path / "overhead.json"
+    code = main(["bench", "overhead", "--queries", "6", "12", "--methods", "lapd", "global_alignment",
+                 "--teacher", "rt_detr:tiny", "--student", "rt_detr:tiny", "--batch-size", "1",
+                 "--image-size", "64", "--steps", "1", "--warmup", "0", "--breakdown", "1",
+                 "--data", str(tmp_path / "none"), "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    rows = {(r["method"], r["queries"]): r for r in result["rows"]}
+    assert set(rows) == {(m, q) for m in (STUDENT, FLOOR, "lapd", "global_alignment") for q in (6, 12)}
+    for q in (6, 12):
+        assert rows[(FLOOR, q)]["overhead_vs_floor"] == 0.0
+        assert rows[("lapd", q)]["sec_per_step"] > 0
+    for key in ("hardware", "threads", "torch", "git_sha", "command"):
+        assert result[key] not in (None, "")
+    assert "--queries 6 12" in result["command"] and result["data"] == "synthetic"
+    (slowest,) = result["breakdown_ms"]["q=12"].values()
+    assert {"teacher", "student", "backward", "optimizer", "total"} <= set(slowest)
+    assert out.with_suffix(".md").read_text().startswith("| method |")
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_overhead_floor_runs_the_teacher_and_methods_train_their_parts():
+    pair = Pair("rt_detr", "tiny", "rt_detr", "tiny")
+    rows, breakdown = run_overhead(pair, queries=[6], methods=["active_sampling"], batch_size=1,
+                                   image_size=64, steps=1, warmup=0, breakdown=1, log=lambda _: None)
+    parts = breakdown["q=6"]["active_sampling"]
+    assert parts["teacher"] > 0 and parts["method/active_sampling"] > 0
+    assert [r["method"] for r in rows] == [STUDENT, FLOOR, "active_sampling"]
+
+
+def test_accuracy_suite_end_to_end(tmp_path, monkeypatch):
+    """A tiny preset: data made, teacher / no-KD / one distilled row trained by real subprocesses,
+    evaluated, rows with gap_closed and commands, markdown and plot written; a rerun reuses runs."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    preset = Preset("tiny", "t", Path("data/t"), ("--train-images", "8", "--val-images", "4", "--image-size", "64"),
+                    sets=TINY)
+    out = tmp_path / "results" / "qskd.json"
+    rows = run_suite("qskd", preset, only=["lapd_only"], out=out)
+    assert [r["method"] for r in rows] == ["teacher", "no_kd", "lapd_only"]
+    teacher, student, lapd = rows
+    assert teacher["gap_closed"] in (1.0, None) and lapd["teacher_ap"] == teacher["ap"]
+    assert lapd["student_ap"] == student["ap"] and lapd["methods"] == {"lapd": {"weight": 1.0}}
+    assert lapd["command"][0].startswith("detrkd distill --config configs/digits_qskd.yaml")
+    assert teacher["command"][0].startswith("detrkd data digits")
+    assert Path(lapd["run_dir"]) == Path("runs/t_lapd_only") and lapd["eval_curve"]
+    assert json.loads(out.read_text()) == rows
+    assert json.loads(out.with_name("qskd_meta.json").read_text())["preset"] == "tiny"
+    assert "| lapd_only |" in markdown(rows) and out.with_suffix(".png").exists()
+    mtime = (tmp_path / "runs/t_lapd_only/last.pt").stat().st_mtime
+    assert run_suite("qskd", preset, only=[], out=out) == rows  # finished runs are reused
+    assert (tmp_path / "runs/t_lapd_only/last.pt").stat().st_mtime == mtime
