@@ -185,8 +185,8 @@ def _add_bench(sub: Any, common: argparse.ArgumentParser) -> None:
     ov.add_argument("--student", default="rt_detr:tiny", help="student FAMILY:PRESET (default rt_detr:tiny)")
     ov.add_argument("--batch-size", type=int, default=8, help="images per step (default 8)")
     ov.add_argument("--image-size", type=int, default=256, help="square input side (default 256)")
-    ov.add_argument("--steps", type=int, default=5, help="timed steps per method (default 5; median)")
-    ov.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    ov.add_argument("--steps", type=int, default=5, help="timed rounds, one step of every method each (default 5; median)")
+    ov.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
     ov.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     ov.add_argument("--data", type=Path, default=Path("data/digits"),
                     help="take the batch from this dataset's train split (default data/digits; a "

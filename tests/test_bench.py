@@ -111,6 +111,9 @@ def test_accuracy_suite_end_to_end(tmp_path, monkeypatch):
     assert json.loads(out.read_text()) == rows
     assert json.loads(out.with_name("qskd_meta.json").read_text())["preset"] == "tiny"
     assert "| lapd_only |" in markdown(rows) and out.with_suffix(".png").exists()
+    raw = tmp_path / "results" / "qskd"
+    assert sorted(p.name for p in raw.iterdir()) == sorted(f"{r}_{f}" for r in ("teacher", "no_kd", "lapd_only")
+                                                       for f in ("config.yaml", "eval_val.json", "metrics.jsonl"))
     mtime = (tmp_path / "runs/t_lapd_only/last.pt").stat().st_mtime
     assert run_suite("qskd", preset, only=[], out=out) == rows  # finished runs are reused
     assert (tmp_path / "runs/t_lapd_only/last.pt").stat().st_mtime == mtime

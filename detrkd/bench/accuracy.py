@@ -20,6 +20,7 @@ hours on a 2-core CPU), ``gpu`` a larger teacher / student on a larger digits se
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -169,19 +170,31 @@ def run_suite(name: str, preset: str | Preset = "cpu", only: Sequence[str] | Non
     return results
 
 
+RAW_FILES = ("config.yaml", "metrics.jsonl", "eval_val.json")
+
+
 def write_results(results: list[dict[str, Any]], suite: Suite) -> None:
-    """The result file, its ``_meta.json``, markdown table and PNG plot."""
+    """The result file, its ``_meta.json``, markdown table and PNG plot, and every row's raw
+    outputs (``RAW_FILES``) copied to ``<result dir>/<suite>/<row>_<file>``: the evidence stays
+    with the table when ``runs/`` is gone."""
     import torch
 
     out = suite.out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    raw = out.parent / out.stem
+    raw.mkdir(parents=True, exist_ok=True)
+    for row in results:
+        for name in RAW_FILES:
+            shutil.copyfile(Path(row["run_dir"]) / name, raw / f"{row['method']}_{name}")
     out.write_text(json.dumps(results, indent=2) + "\n")
     preset = suite.preset.name
     meta = {"suite": suite.name, "preset": preset, "preset_notes": suite.preset.notes, "hardware": hardware(),
             "torch": torch.__version__, "git_sha": git_sha(),
             "command": f"detrkd bench accuracy --suite {suite.name} --preset {preset}"}
     out.with_name(out.stem + "_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(results) + "\n")
+    footer = (f"\n\n`{meta['command']}` ({suite.preset.notes}); {meta['hardware']}, torch {meta['torch']}, "
+              f"git {meta['git_sha']}. Val split, COCO AP; `gap closed` = (AP - no-KD AP) / (teacher AP - "
+              f"no-KD AP). Each row's commands: `{out.name}`; raw outputs: `{raw.name}/`.")
+    out.with_suffix(".md").write_text(markdown(results) + footer + "\n")
     plot(results, out.with_suffix(".png"), title=f"{suite.name} ({preset}, {suite.preset.data})")
 
 

@@ -7,7 +7,8 @@ step (forward, backward, AdamW) of
     teacher_floor    the student plus the teacher's no-grad forward: the floor every method pays
     <method>         the student, the teacher and the method (its paper-default options)
 
-on one fixed batch, in this process: ``warmup`` steps, then the median of ``steps``. Overhead is
+on one fixed batch, in this process: ``warmup`` rounds, then the median of ``steps`` rounds, where a
+round is one step of every configuration in turn (interleaved, so drift hits all alike). Overhead is
 ``sec_per_step / floor - 1``. A breakdown of the slowest methods comes from one extra step under
 ``torch.profiler``: the ``record_function`` ranges the library sets (``detrkd::teacher``,
 ``detrkd::student``, ``detrkd::method/<name>``, ``detrkd::decode``, ``detrkd::solve``) plus timed
@@ -139,11 +140,17 @@ def step_fn(teacher: DetrAdapter, student: DetrAdapter, methods: dict[str, dict[
     return step, module
 
 
-def time_steps(step: Callable[[], dict[str, float]], steps: int, warmup: int) -> list[float]:
-    """Wall seconds of ``steps`` steps after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        step()
-    return [step()["total"] for _ in range(steps)]
+def time_round_robin(steps: dict[str, Callable[[], dict[str, float]]], rounds: int,
+                     warmup: int) -> dict[str, list[float]]:
+    """Wall seconds of ``rounds`` steps of every closure, interleaved (one step of each per round,
+    so a slow drift of the machine hits all of them alike), after ``warmup`` untimed rounds."""
+    timed: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(warmup + rounds):
+        for name, step in steps.items():
+            seconds = step()["total"]
+            if r >= warmup:
+                timed[name].append(seconds)
+    return timed
 
 
 def profile_step(step: Callable[[], dict[str, float]], method_names: Sequence[str]) -> dict[str, float]:
@@ -178,14 +185,13 @@ def run_overhead(pair: Pair, queries: Sequence[int] = (300, 900), methods: Seque
     breakdowns: dict[str, Any] = {}
     for q in queries:
         teacher, _ = pair.build(q)
-        timed: dict[str, list[float]] = {}
         steps_by_name: dict[str, Callable[[], dict[str, float]]] = {}
         for name, spec in [(STUDENT, None), (FLOOR, {}), *specs.items()]:
             _, student = pair.build(q, seed=1)
-            step, _ = step_fn(teacher, student, spec, batch)
-            timed[name] = time_steps(step, steps, warmup)
-            steps_by_name[name] = step
-            log(f"q={q} {name:22s} {statistics.median(timed[name]):.3f} s/step")
+            steps_by_name[name] = step_fn(teacher, student, spec, batch)[0]
+        timed = time_round_robin(steps_by_name, steps, warmup)
+        for name, times in timed.items():
+            log(f"q={q} {name:26s} {statistics.median(times):.3f} s/step")
         floor = statistics.median(timed[FLOOR])
         for name, times in timed.items():
             median = statistics.median(times)
