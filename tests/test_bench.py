@@ -10,7 +10,7 @@ import torch
 from detrkd.bench.accuracy import ROWS, SUITES, Preset, markdown, run_suite
 from detrkd.bench.overhead import FLOOR, STUDENT, Pair, method_specs, run_overhead
 from detrkd.cli import main
-from detrkd.config import DistillConfig, TrainConfig, load_config
+from detrkd.config import DistillConfig, load_config
 from detrkd.distill.train import build_methods
 from detrkd.models import build_detector
 

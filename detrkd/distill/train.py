@@ -12,7 +12,6 @@ import inspect
 import logging
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..config import ConfigError, DistillConfig
