@@ -354,7 +354,9 @@ def cmd_bench_overhead(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     (t_family, _, t_preset), (s_family, _, s_preset) = (x.partition(":") for x in (args.teacher, args.student))
     pair = Pair(t_family, t_preset or "small", s_family, s_preset or "tiny")
-    data = args.data if (args.data / "annotations" / "instances_train.json").exists() else None
+    from detrkd.config import DataConfig
+
+    data = args.data if Path(DataConfig(root=str(args.data)).split_paths("train")[1]).exists() else None
     rows, breakdown = run_overhead(pair, args.queries, args.methods, args.batch_size, args.image_size,
                                    args.steps, args.warmup, data, args.breakdown)
     result = {"rows": rows, "breakdown_ms": breakdown, "teacher": args.teacher, "student": args.student,

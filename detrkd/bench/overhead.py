@@ -78,9 +78,11 @@ def method_specs(names: Sequence[str] | None = None) -> dict[str, dict[str, dict
     return specs
 
 
-def fixed_batch(batch_size: int, image_size: int, data: Path | None, num_classes: int) -> dict[str, Any]:
-    """The first ``batch_size`` training images of ``data`` (square inputs, as RT-DETR trains), or a
-    synthetic batch of random images with 2-8 random boxes each when ``data`` is None."""
+def fixed_batch(batch_size: int, image_size: int, data: Path | None, num_classes: int,
+                family: str = "rt_detr") -> dict[str, Any]:
+    """The first ``batch_size`` training images of ``data`` under ``family``'s eval transform (square
+    inputs for RT-DETR / D-FINE, as they train), or a synthetic batch of random images with 2-8
+    random boxes each when ``data`` is None."""
     from ..data.collate import collate
 
     if data is None:
@@ -93,18 +95,19 @@ def fixed_batch(batch_size: int, image_size: int, data: Path | None, num_classes
                       "boxes": torch.cat([centres, sizes], 1)}
             items.append((torch.rand(3, image_size, image_size, generator=gen), target))
         return collate(items)
+    from ..config import DataConfig
     from ..data.coco import CocoDetection
-    from ..data.transforms import make_transforms
+    from ..engine import transforms_for
 
-    dataset = CocoDetection(data / "train", data / "annotations" / "instances_train.json",
-                            make_transforms("val", image_size, square=True))
+    config = DataConfig(root=str(data), image_size=image_size)
+    dataset = CocoDetection(*config.split_paths("train"), transforms_for(family, "val", config))
     return collate([dataset[i] for i in range(batch_size)])
 
 
 def step_fn(teacher: DetrAdapter, student: DetrAdapter, methods: dict[str, dict[str, Any]] | None,
-            batch: dict[str, Any]) -> tuple[Callable[[], dict[str, float]], nn.Module]:
-    """A closure running one training step (returns its phase times in seconds) and the module it
-    trains. ``methods=None``: the student alone; ``{}``: student + teacher forward (the floor)."""
+            batch: dict[str, Any]) -> Callable[[], dict[str, float]]:
+    """A closure running one training step (returns its phase times in seconds).
+    ``methods=None``: the student alone; ``{}``: student + teacher forward (the floor)."""
     from ..distill.base import Distiller
     from ..distill.train import build_methods
 
@@ -137,7 +140,7 @@ def step_fn(teacher: DetrAdapter, student: DetrAdapter, methods: dict[str, dict[
         t3 = time.perf_counter()
         return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "total": t3 - t0}
 
-    return step, module
+    return step
 
 
 def time_round_robin(steps: dict[str, Callable[[], dict[str, float]]], rounds: int,
@@ -180,7 +183,7 @@ def run_overhead(pair: Pair, queries: Sequence[int] = (300, 900), methods: Seque
     query count, and ``{"q=<queries>": {method: breakdown ms}}`` for the ``breakdown`` slowest
     methods at each query count."""
     specs = method_specs(methods)
-    batch = fixed_batch(batch_size, image_size, data, pair.num_classes)
+    batch = fixed_batch(batch_size, image_size, data, pair.num_classes, pair.student_family)
     rows: list[dict[str, Any]] = []
     breakdowns: dict[str, Any] = {}
     for q in queries:
@@ -188,7 +191,7 @@ def run_overhead(pair: Pair, queries: Sequence[int] = (300, 900), methods: Seque
         steps_by_name: dict[str, Callable[[], dict[str, float]]] = {}
         for name, spec in [(STUDENT, None), (FLOOR, {}), *specs.items()]:
             _, student = pair.build(q, seed=1)
-            steps_by_name[name] = step_fn(teacher, student, spec, batch)[0]
+            steps_by_name[name] = step_fn(teacher, student, spec, batch)
         timed = time_round_robin(steps_by_name, steps, warmup)
         for name, times in timed.items():
             log(f"q={q} {name:26s} {statistics.median(times):.3f} s/step")
