@@ -107,6 +107,20 @@ def test_multi_head_samples_are_the_average_of_the_heads_samples():
         ActiveSampling(num_classes=C, hidden=30, heads=4)
 
 
+@pytest.mark.parametrize("heads", [1, 4])
+def test_teacher_samples_reuse_the_sampling_loss_scores(heads):
+    """With the teacher's predictions as points, S_t comes from the scores the sampling loss already
+    computed (one Qt x Qt product fewer): the same samples as sampling afresh, and a constant."""
+    torch.manual_seed(0)
+    method = ActiveSampling(num_classes=3, hidden=16, heads=heads, temperature=4.0)
+    y_t, y_s = torch.rand(2, 7, 7), torch.rand(2, 5, 7)
+    q_t, k_t = method.asm(y_t)
+    s_t, _ = method.samples((y_t, q_t, k_t, sampling_logits(q_t, k_t, heads)), y_s)
+    expected, _ = sample(q_t, k_t, y_t, heads, 4.0)
+    torch.testing.assert_close(s_t, expected)
+    assert not s_t.requires_grad
+
+
 def test_class_distances_are_zero_only_at_equality():
     t = torch.tensor([[0.7, 0.1, 0.0, 0.0], [0.9, 0.8, 0.6, 0.1]])  # softmax-like, sigmoid-like (sum > 1)
     for mode in ("kl", "bernoulli"):

@@ -11,6 +11,7 @@ import torch
 
 import detrkd.matching
 from detrkd.distill.base import DistillContext, Distiller
+from detrkd.distill import lapd as lapd_module
 from detrkd.distill.lapd import LAPD, layer_pairs, local_alignment, parse_kinds, prediction_cost
 from detrkd.distill.query_selection import QuerySelection, group_query_selection
 from detrkd.distill.train import build_methods
@@ -200,6 +201,22 @@ def test_pairing_is_the_brute_force_optimum(seed, per_image):
             assert len(chosen) == min(len(ti), len(si)) and all(s in si for _, s in chosen)
             got = sum(cost[b, t, s] for t, s in chosen)
             assert got == pytest.approx(_brute_force(cost[b][np.ix_(ti, si)]), abs=1e-5)
+
+
+@pytest.mark.parametrize("heads", [("sigmoid", "sigmoid"), ("softmax", "sigmoid"), ("softmax", "softmax")])
+@pytest.mark.parametrize("per_image", [False, True])
+def test_block_costs_are_the_full_cost_sub_blocks(heads, per_image):
+    """Only the pairs inside a problem are costed; each value is the full [B, Qt, Qs] matrix's (to
+    float32 rounding: vectorised kernels may round a value differently at another position)."""
+    torch.manual_seed(4)
+    t_logits, t_boxes, s_logits, s_boxes, targets = _random(4, 60, 25, 5, 4, heads)
+    t_sel, s_sel = _gqs(t_logits, t_boxes, targets, heads[0]), _gqs(s_logits, s_boxes, targets, heads[1])
+    blocks = list(lapd_module._hard_blocks(lapd_module._to_cpu(t_sel), lapd_module._to_cpu(s_sel), per_image))
+    costs = lapd_module._block_costs(blocks, t_logits, t_boxes, s_logits, s_boxes, heads, (1.0, 5.0, 2.0))
+    full = prediction_cost(t_logits, t_boxes, s_logits, s_boxes, heads).numpy()
+    assert len(blocks) > (1 if per_image else 4)
+    for cost, (b, t, s) in zip(costs, blocks):
+        np.testing.assert_allclose(cost, full[b][np.ix_(t, s)], rtol=1e-6, atol=1e-6)
 
 
 def _brute_force(block: np.ndarray) -> float:

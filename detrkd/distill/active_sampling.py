@@ -73,6 +73,8 @@ from .lapd import layer_pairs
 from .losses import class_probabilities
 
 PointsKind = Literal["teacher", "teacher+student", "random"]
+# (Y_t [B, Qt, 4 + C], q(Y_t) [B, Qt, d], k(Y_t) [B, Qt, d], their scores [B, h, Qt, Qt] at T = 1)
+TeacherSide = tuple[Tensor, Tensor, Tensor, Tensor]
 ClassDistance = Literal["kl", "bernoulli"]
 EPS = 1e-6
 
@@ -139,8 +141,13 @@ def sample(queries: Tensor, keys: Tensor, values: Tensor, heads: int = 1,
 def sampling_loss(queries: Tensor, keys: Tensor, heads: int = 1) -> Tensor:
     """Eq. 16 on a self-attention (queries, keys [B, Q, d] of the same set), T = 1:
     -mean over images, heads and points of log W_ii."""
-    log_w = sampling_logits(queries, keys, heads).log_softmax(-1)  # [B, h, Q, Q]
-    return -log_w.diagonal(dim1=-2, dim2=-1).mean()
+    return diagonal_nll(sampling_logits(queries, keys, heads))
+
+
+def diagonal_nll(scores: Tensor) -> Tensor:
+    """Eq. 16 from self-attention scores [B, h, Q, Q] (``sampling_logits`` at T = 1):
+    -mean of log softmax(scores)_ii."""
+    return -scores.log_softmax(-1).diagonal(dim1=-2, dim2=-1).mean()
 
 
 def class_distance(teacher: Tensor, student: Tensor, mode: ClassDistance = "kl") -> Tensor:
@@ -196,30 +203,35 @@ class ActiveSampling(DistillMethod):
         pairs = layer_pairs(ctx.student_out.predictions.num_layers, ctx.teacher_out.predictions.num_layers,
                             self.layers)
         teacher = {t: self.teacher_side(ctx.teacher_out, t) for t in sorted({t for _, t in pairs})}
-        sampling = torch.stack([sampling_loss(q, k, self.heads) for _, q, k in teacher.values()]).mean()
+        sampling = torch.stack([diagonal_nll(side[3]) for side in teacher.values()]).mean()
         per_layer = [self.distill(teacher[t], _vectors(ctx.student_out, s)) for s, t in pairs]
         terms = {"sampling": sampling,
                  "l1": torch.stack([l1 for l1, _ in per_layer]).sum(),
                  "cls": torch.stack([cls for _, cls in per_layer]).sum()}
         return {name: self.weights[name] * value for name, value in terms.items()}
 
-    def teacher_side(self, out: DetectorOutput, layer: int) -> tuple[Tensor, Tensor, Tensor]:
-        """(Y_t [B, Qt, 4 + C] detached, q(Y_t), k(Y_t) [B, Qt, d] with ASM gradients)."""
+    def teacher_side(self, out: DetectorOutput, layer: int) -> TeacherSide:
+        """(Y_t [B, Qt, 4 + C] detached, q(Y_t), k(Y_t) [B, Qt, d] and their self-attention scores
+        [B, h, Qt, Qt] at T = 1, with ASM gradients)."""
         y_t = _vectors(out, layer).detach()
-        return (y_t, *self.asm(y_t))
+        q_t, k_t = self.asm(y_t)
+        return y_t, q_t, k_t, sampling_logits(q_t, k_t, self.heads)
 
-    def distill(self, teacher: tuple[Tensor, Tensor, Tensor], y_s: Tensor) -> tuple[Tensor, Tensor]:
+    def distill(self, teacher: TeacherSide, y_s: Tensor) -> tuple[Tensor, Tensor]:
         """Unweighted (l1, cls) of one layer pair; teacher = ``teacher_side`` output, y_s [B, Qs, 4 + C]."""
         s_t, s_s = self.samples(teacher, y_s)
         l1 = (s_s[..., :4] - s_t[..., :4]).abs().sum(-1).mean()
         cls = class_distance(s_t[..., 4:], s_s[..., 4:], self.class_kd).mean()
         return l1, cls
 
-    def samples(self, teacher: tuple[Tensor, Tensor, Tensor], y_s: Tensor) -> tuple[Tensor, Tensor]:
+    def samples(self, teacher: TeacherSide, y_s: Tensor) -> tuple[Tensor, Tensor]:
         """(S_t, S_s) [B, M, 4 + C] at the same points, temperature T; S_t is a constant."""
-        y_t, q_t, k_t = teacher
+        y_t, q_t, k_t, scores_t = teacher
         q_p = self.point_queries(y_t, q_t, y_s)
-        s_t, _ = sample(q_p, k_t.detach(), y_t, self.heads, self.temperature)
+        if self.points == "teacher":  # points = Y_t: q(Y_t) k(Y_t)^T is the sampling loss's, reuse it
+            s_t = (scores_t.detach() / self.temperature).softmax(-1).mean(1) @ y_t
+        else:
+            s_t, _ = sample(q_p, k_t.detach(), y_t, self.heads, self.temperature)
         s_s, _ = sample(q_p, self.asm.frozen(y_s)[1], y_s, self.heads, self.temperature)
         return s_t, s_s
 
