@@ -348,7 +348,7 @@ def cmd_bench_overhead(args: argparse.Namespace) -> int:
     import torch
 
     from detrkd.bench.overhead import Pair, markdown, plot, run_overhead
-    from detrkd.bench.runs import git_sha, hardware
+    from detrkd.provenance import git_sha, hardware
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -57,6 +57,7 @@ from detrkd.checkpoint import (BEST, LAST, load_checkpoint, load_model_entries, 
 from detrkd.config import OptimConfig, TrainConfig, config_to_dict, dump_config
 from detrkd.distributed import (all_gather, any_flags, barrier, check_no_accelerate_state, detection_loss,
                                 init_distributed, local_device, mean_values, shard, world)
+from detrkd.provenance import PROVENANCE_FILE, append_run_record
 
 log = logging.getLogger("detrkd")
 
@@ -475,15 +476,17 @@ class Trainer:
                         child.eval()
 
     def prepare_run_dir(self, resume: bool) -> None:
-        """Create the run dir and write ``config.yaml`` (rank 0); refuse to start over an existing
-        run or to resume a missing one."""
+        """Create the run dir, write ``config.yaml`` and append to ``provenance.jsonl`` (rank 0);
+        refuse to start over an existing run or to resume a missing one."""
         check_run_dir(self.run_dir, resume)
         barrier()  # every rank has checked before rank 0 writes anything
         if self.world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            if not resume and self.metrics_path.exists():
-                self.metrics_path.unlink()
+            if not resume:
+                for stale in (self.metrics_path, self.run_dir / PROVENANCE_FILE):
+                    stale.unlink(missing_ok=True)
             dump_config(self.config, self.run_dir / CONFIG_FILE)
+            append_run_record(self.run_dir, resume, self.world.size)
         barrier()
 
     def _check_resumable(self, state: dict[str, Any], path: Path) -> None:

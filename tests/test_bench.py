@@ -13,6 +13,7 @@ from detrkd.cli import main
 from detrkd.config import DistillConfig, load_config
 from detrkd.distill.train import build_methods
 from detrkd.models import build_detector
+from detrkd.provenance import git_sha
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ("model.preset=tiny", "data.image_size=64", "data.batch_size=4", "optim.epochs=1",
@@ -113,7 +114,9 @@ def test_accuracy_suite_end_to_end(tmp_path, monkeypatch):
     assert "| lapd_only |" in markdown(rows) and out.with_suffix(".png").exists()
     raw = tmp_path / "results" / "qskd"
     assert sorted(p.name for p in raw.iterdir()) == sorted(f"{r}_{f}" for r in ("teacher", "no_kd", "lapd_only")
-                                                       for f in ("config.yaml", "eval_val.json", "metrics.jsonl"))
+                                                       for f in ("config.yaml", "eval_val.json", "metrics.jsonl",
+                                                                 "provenance.jsonl"))
+    assert lapd["trained_at_git"] == [git_sha()] and git_sha() in markdown(rows)
     mtime = (tmp_path / "runs/t_lapd_only/last.pt").stat().st_mtime
     assert run_suite("qskd", preset, only=[], out=out) == rows  # finished runs are reused
     assert (tmp_path / "runs/t_lapd_only/last.pt").stat().st_mtime == mtime

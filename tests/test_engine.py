@@ -258,6 +258,9 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, stop_at):
     log_split = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
     strip = lambda ls: [{k: v for k, v in json.loads(x).items() if "sec_per_step" not in k} for x in ls]  # noqa: E731
     assert strip(log_full) == strip(log_split)
+    starts = [json.loads(x) for x in (tmp_path / "split" / "provenance.jsonl").read_text().splitlines()]
+    assert [r["resume"] for r in starts] == [False, True]  # one record per start, the resume says so
+    assert all(r["git_sha"] and r["torch"] == torch.__version__ and r["argv"] for r in starts)
 
 
 # ---- detector wiring ------------------------------------------------------------------------

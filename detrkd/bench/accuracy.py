@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .runs import (STATS, detrkd_cmd, ensure_trained, eval_curve, evaluate_run, git_sha, hardware,
-                   run, run_config, shown, train_minutes)
+from ..provenance import PROVENANCE_FILE, git_sha, hardware, read_git_shas
+from .runs import STATS, detrkd_cmd, ensure_trained, eval_curve, evaluate_run, run, run_config, shown, train_minutes
 
 TEACHER_CONFIG = Path("configs/digits_teacher.yaml")
 STUDENT_CONFIG = Path("configs/digits_student.yaml")
@@ -141,6 +141,7 @@ def result_row(name: str, run_dir: Path, stats: dict[str, Any], teacher_ap: floa
             "gap_closed": round((stats["ap"] - student_ap) / gap, 3) if gap > 0 else None,
             "train_minutes": round(train_minutes(run_dir), 1), "threads": config.get("threads"),
             "methods": config.get("methods"), "run_dir": str(run_dir),
+            "trained_at_git": read_git_shas(run_dir) or None,
             "eval_curve": eval_curve(run_dir), "command": commands}
 
 
@@ -183,8 +184,10 @@ def write_results(results: list[dict[str, Any]], suite: Suite) -> None:
     raw = out.parent / out.stem
     raw.mkdir(parents=True, exist_ok=True)
     for row in results:
-        for name in RAW_FILES:
-            shutil.copyfile(Path(row["run_dir"]) / name, raw / f"{row['method']}_{name}")
+        run_dir = Path(row["run_dir"])
+        optional = [PROVENANCE_FILE] if (run_dir / PROVENANCE_FILE).exists() else []  # not in older runs
+        for name in [*RAW_FILES, *optional]:
+            shutil.copyfile(run_dir / name, raw / f"{row['method']}_{name}")
     out.write_text(json.dumps(results, indent=2) + "\n")
     preset = suite.preset.name
     meta = {"suite": suite.name, "preset": preset, "preset_notes": suite.preset.notes, "hardware": hardware(),
@@ -200,10 +203,12 @@ def write_results(results: list[dict[str, Any]], suite: Suite) -> None:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The result rows as a markdown table."""
-    lines = ["| method | AP | AP50 | AP75 | APs | APm | APl | gap closed | train min |", "|" + "---|" * 9]
+    lines = ["| method | AP | AP50 | AP75 | APs | APm | APl | gap closed | train min | trained at git |",
+             "|" + "---|" * 10]
     for r in rows:
         gap = "" if r["gap_closed"] is None else f"{r['gap_closed']:.2f}"
-        cells = [r["method"], *(f"{r[k]:.3f}" for k in STATS), gap, f"{r['train_minutes']:.0f}"]
+        code = ", ".join(r.get("trained_at_git") or ["not recorded"])
+        cells = [r["method"], *(f"{r[k]:.3f}" for k in STATS), gap, f"{r['train_minutes']:.0f}", code]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -8,8 +8,6 @@ a finished run is reused, an interrupted one is continued with ``--resume``.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -91,31 +89,3 @@ def train_minutes(run_dir: Path) -> float:
             seconds += record["sec_per_step"] * (record["step"] - last_step)
             last_step = record["step"]
     return seconds / 60
-
-
-def hardware() -> str:
-    """CPU model, core count and OS (plus the CUDA device when there is one)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    text = f"{cpu}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}"
-    import torch
-
-    if torch.cuda.is_available():
-        text += f"; {torch.cuda.get_device_name()}"
-    return text
-
-
-def git_sha() -> str:
-    """Short commit of the working tree (``unknown`` outside a git checkout)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"

@@ -1,0 +1,81 @@
+"""Where a result came from: the code version, the software and the machine.
+
+Every ``detrkd train`` / ``detrkd distill`` start (and every ``--resume``) appends one record to
+the run directory's ``provenance.jsonl``, so a run resumed under other code says so, and benchmark
+tables can name the code each row was trained with (not only the code that wrote the table).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PROVENANCE_FILE = "provenance.jsonl"
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def git_sha(path: Path = _PACKAGE_DIR) -> str:
+    """Short commit of the git checkout holding ``path`` (default: this package), with ``+dirty``
+    when tracked files differ from it; ``unknown`` outside a checkout (e.g. an installed wheel)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+
+    try:
+        sha = git("rev-parse", "--short", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
+
+
+def hardware() -> str:
+    """CPU model, core count and OS (plus the CUDA device when there is one)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    text = f"{cpu}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}"
+    import torch
+
+    if torch.cuda.is_available():
+        text += f"; {torch.cuda.get_device_name()}"
+    return text
+
+
+def run_record(resume: bool, world_size: int = 1) -> dict[str, Any]:
+    """One ``provenance.jsonl`` record for a run starting (or resuming) now."""
+    import torch
+    import transformers
+
+    from detrkd import __version__
+
+    return {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resume": resume, "git_sha": git_sha(),
+            "detrkd": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "world_size": world_size, "hardware": hardware(), "argv": sys.argv}
+
+
+def append_run_record(run_dir: Path, resume: bool, world_size: int = 1) -> None:
+    """Append ``run_record`` to ``run_dir/provenance.jsonl``."""
+    with open(run_dir / PROVENANCE_FILE, "a") as f:
+        f.write(json.dumps(run_record(resume, world_size)) + "\n")
+
+
+def read_git_shas(run_dir: Path) -> list[str]:
+    """The distinct code versions a run was trained with, in order ([] when not recorded)."""
+    path = run_dir / PROVENANCE_FILE
+    if not path.exists():
+        return []
+    shas = [json.loads(line)["git_sha"] for line in path.read_text().splitlines() if line.strip()]
+    return list(dict.fromkeys(shas))
