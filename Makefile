@@ -21,7 +21,7 @@ distill: setup  ## the main job: digits data -> teacher, no-KD student and QSKD 
 	$(BIN)/detrkd bench accuracy --suite qskd --only qskd
 
 bench: setup  ## every method at its paper defaults (accuracy.json; hours on 2 cores) and the step-time overhead
-	$(BIN)/detrkd bench overhead --threads 2 --steps 7
+	$(BIN)/detrkd bench overhead --threads 2 --steps 15
 	$(BIN)/detrkd bench accuracy --suite all
 
 baseline: setup  ## digits data -> teacher and student trained and evaluated -> their table (~1.5 h on 2 cores)

@@ -18,7 +18,7 @@ Speed (the baseline must not be a strawman; measured on the 2-core CPU, one torc
   of the cost (900 x 900: 20 vs 60 ms).
 - Overlap: both solvers release the GIL (their extension modules call PyEval_SaveThread), so with
   ``workers`` > 0 each chunk's problems are solved on a thread pool while the main thread computes
-  the next chunk's costs. See ``DEFAULT_WORKERS`` for the measurement behind the default (off).
+  the next chunk's costs. See ``DEFAULT_WORKERS`` for the measurement behind the default (2).
 ``reference_alignment`` is the naive version of the same matching for benchmarks: per layer pair,
 one [B, Qt, Qs] cost, then scipy per image, serially (what a DETR-style matcher loop does).
 ``GlobalAlignment.last_timing`` holds the seconds of the last call's phases.
@@ -50,12 +50,11 @@ from .losses import ClassKD, pair_losses
 
 # entries of one cost chunk on the CPU (4 MiB of float32): one 900 x 900 problem per chunk
 CHUNK_ELEMENTS = 1 << 20
-# Solver threads; 0 = solve in the calling thread. Measured on the 2-core CPU while another
-# training run kept both cores busy (so: noisy, and no free core to overlap on), 24 problems of
-# 900 x 900, one torch thread: serial 1.4 s, 1 worker 2.1 s, 2 workers 2.5 s; 300 x 300: 195 /
-# 202 / 204 ms. Threads did not help there, so they are off by default; ``workers: 1`` overlaps
-# solving with the next chunk's costs where a core is free (GPU machines, many-core CPUs).
-DEFAULT_WORKERS = 0
+# Solver threads; 0 = solve in the calling thread. Both solvers release the GIL, so a pool solves
+# while the main thread computes the next chunk's costs. Measured alone on the 2-core CPU
+# (``benchmarks/ga_workers.py``: 16 problems of 900 x 900, 2 torch threads): 773 ms serial,
+# 721 ms with 1 worker, 530 ms with 2; the naive per-layer scipy reference 2443 ms.
+DEFAULT_WORKERS = 2
 
 
 @functools.lru_cache(maxsize=None)
