@@ -13,7 +13,7 @@ def test_records_append_and_code_versions_are_listed_once_in_order(tmp_path, mon
     assert read_git_shas(tmp_path) == []  # a run from before provenance was recorded
     for sha in ("aaa", "aaa", "bbb+dirty", "aaa"):
         monkeypatch.setattr("detrkd.provenance.git_sha", lambda sha=sha: sha)
-        append_run_record(tmp_path, resume=sha != "aaa" or (tmp_path / PROVENANCE_FILE).exists(), world_size=2)
+        append_run_record(tmp_path, resume=(tmp_path / PROVENANCE_FILE).exists(), world_size=2)
     records = [json.loads(x) for x in (tmp_path / PROVENANCE_FILE).read_text().splitlines()]
     assert [r["resume"] for r in records] == [False, True, True, True]
     assert {r["world_size"] for r in records} == {2} and all("hardware" in r and "torch" in r for r in records)
