@@ -182,8 +182,9 @@ def _block_costs(blocks: list[Block], teacher_logits: Tensor, teacher_boxes: Ten
     Only the pairs inside an assignment problem are costed: the per-GT hard-negative groups hold a
     small part of the full [B, Qt, Qs] (at 900 x 900 queries, 6% of its pairs on the overhead
     benchmark's batch; CPU time on one thread 43 ms, against 272-507 ms for the full matrix and
-    116-145 ms for one padded [blocks, Tmax, Smax] call). Each entry is the same per-pair arithmetic as in the full matrix, equal up to float32
-    rounding (vectorised kernels may round a value differently at another position).
+    116-145 ms for one padded [blocks, Tmax, Smax] call). Each entry is the same per-pair
+    arithmetic as in the full matrix, equal up to float32 rounding (vectorised kernels may round a
+    value differently at another position).
     """
     device, costs = teacher_logits.device, []
     for b, t, s in blocks:
