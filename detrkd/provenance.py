@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -72,10 +73,20 @@ def append_run_record(run_dir: Path, resume: bool, world_size: int = 1) -> None:
         f.write(json.dumps(run_record(resume, world_size)) + "\n")
 
 
-def read_git_shas(run_dir: Path) -> list[str]:
-    """The distinct code versions a run was trained with, in order ([] when not recorded)."""
+def read_records(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of ``run_dir/provenance.jsonl``, one per start / resume ([] when not recorded)."""
     path = run_dir / PROVENANCE_FILE
     if not path.exists():
         return []
-    shas = [json.loads(line)["git_sha"] for line in path.read_text().splitlines() if line.strip()]
-    return list(dict.fromkeys(shas))
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_git_shas(run_dir: Path) -> list[str]:
+    """The distinct code versions a run was trained with, in order ([] when not recorded)."""
+    return list(dict.fromkeys(r["git_sha"] for r in read_records(run_dir)))
+
+
+def read_commands(run_dir: Path) -> list[str]:
+    """The command lines that trained a run, as typed (``detrkd distill ...``), one per start /
+    resume in order ([] when not recorded): what actually ran, whoever started it."""
+    return [shlex.join(["detrkd", *r["argv"][1:]]) for r in read_records(run_dir)]

@@ -107,6 +107,7 @@ def test_accuracy_suite_end_to_end(tmp_path, monkeypatch):
     assert teacher["gap_closed"] in (1.0, None) and lapd["teacher_ap"] == teacher["ap"]
     assert lapd["student_ap"] == student["ap"] and lapd["methods"] == {"lapd": {"weight": 1.0}}
     assert lapd["command"][0].startswith("detrkd distill --config configs/digits_qskd.yaml")
+    assert lapd["command"][0].endswith("--no-progress")  # the command that ran, from provenance.jsonl
     assert teacher["command"][0].startswith("detrkd data digits")
     assert Path(lapd["run_dir"]) == Path("runs/t_lapd_only") and lapd["eval_curve"]
     assert json.loads(out.read_text()) == rows

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..provenance import PROVENANCE_FILE, git_sha, hardware, read_git_shas
+from ..provenance import PROVENANCE_FILE, git_sha, hardware, read_commands, read_git_shas
 from .runs import STATS, detrkd_cmd, ensure_trained, eval_curve, evaluate_run, run, run_config, shown, train_minutes
 
 TEACHER_CONFIG = Path("configs/digits_teacher.yaml")
@@ -127,7 +127,7 @@ class Suite:
         sets += row.sets
         command = ensure_trained(row.command, row.config, run_dir, sets)
         stats, eval_command = evaluate_run(run_dir, self.preset.data)
-        self.commands[name] = [command, eval_command]
+        self.commands[name] = [*(read_commands(run_dir) or [command]), eval_command]
         return stats
 
 
