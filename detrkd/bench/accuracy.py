@@ -203,12 +203,12 @@ def write_results(results: list[dict[str, Any]], suite: Suite) -> None:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The result rows as a markdown table."""
-    lines = ["| method | AP | AP50 | AP75 | APs | APm | APl | gap closed | train min | trained at git |",
+    lines = ["| method | AP | AP50 | AP75 | APs | APm | APl | gap closed | train min (threads) | trained at git |",
              "|" + "---|" * 10]
     for r in rows:
         gap = "" if r["gap_closed"] is None else f"{r['gap_closed']:.2f}"
         code = ", ".join(r.get("trained_at_git") or ["not recorded"])
-        cells = [r["method"], *(f"{r[k]:.3f}" for k in STATS), gap, f"{r['train_minutes']:.0f}", code]
+        cells = [r["method"], *(f"{r[k]:.3f}" for k in STATS), gap, f"{r['train_minutes']:.0f} ({r.get('threads') or 'default'})", code]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
