@@ -180,6 +180,31 @@ def test_weights_scale_the_terms():
         torch.testing.assert_close(scaled[name], w * base[name])
 
 
+def test_rebalance_weights_points_by_teacher_confidence(monkeypatch):
+    """rebalance: each point's terms weighted by the teacher sample's max class score. Equal
+    confidences give the plain means; a point the teacher calls background drops out, however far
+    the student's sample is from the teacher's there."""
+    g = torch.Generator().manual_seed(0)
+    s_t = torch.cat([torch.rand(2, 6, 4, generator=g), torch.full((2, 6, C), 0.5)], -1)
+    s_s = torch.cat([torch.rand(2, 6, 4, generator=g), torch.rand(2, 6, C, generator=g)], -1)
+    plain, weighted = ActiveSampling(num_classes=C, hidden=8), ActiveSampling(num_classes=C, hidden=8, rebalance=True)
+    for m in (plain, weighted):
+        monkeypatch.setattr(m, "samples", lambda teacher, y_s: (s_t, s_s))
+    for got, want in zip(weighted.distill(None, None), plain.distill(None, None)):
+        torch.testing.assert_close(got, want)
+    s_t[:, 1:, 4:] = torch.rand(2, 5, C, generator=g)
+    s_t[:, 0, 4:] = 0.0  # point 0: background for the teacher
+    before = weighted.distill(None, None)
+    s_s[:, 0] = 10.0  # ... and the student far off there
+    after = weighted.distill(None, None)
+    for b, a in zip(before, after):
+        torch.testing.assert_close(a, b)
+    assert all(x > y for x, y in zip(plain.distill(None, None), after))  # the plain mean does see it
+    w = s_t[:, 1:, 4:].max(-1).values
+    l1 = (s_s[:, 1:, :4] - s_t[:, 1:, :4]).abs().sum(-1)
+    torch.testing.assert_close(after[0], (w * l1).sum() / w.sum())
+
+
 @pytest.mark.parametrize("points", ["teacher", "teacher+student"])
 def test_gradient_routing(models, two_image_batch, points):
     """sampling -> ASM only; l1 and cls -> student only; teacher never (even with a teacher graph)."""

@@ -8,7 +8,8 @@ mapping. A *suite* is a list of rows written to one result file:
     all              every method at its paper defaults          -> accuracy.json
     qskd             QSKD and its AGFD-only / LAPD-only ablation  -> qskd.json
     kd_detr          KD-DETR points and rebalance ablation       -> kd_detr.json
-    active_sampling  active sampling and its temperature sweep   -> active_sampling.json
+    active_sampling  active sampling, its temperature sweep and  -> active_sampling.json
+                     confidence-weighted points (rebalance)
 
 Rows are shared between suites (one run directory per row and preset: ``runs/<preset prefix>_<row>``),
 finished runs are reused and interrupted ones resumed, so suites can be run in any order, in pieces
@@ -56,6 +57,7 @@ ROWS: dict[str, Row] = {
     "active_sampling": Row(ACTIVE_SAMPLING),
     **{f"active_sampling_t{t}": Row(ACTIVE_SAMPLING, (f"methods.active_sampling.temperature={t}.0",))
        for t in (1, 2, 8)},
+    "active_sampling_rebalance": Row(ACTIVE_SAMPLING, ("methods.active_sampling.rebalance=true",)),
     "global_alignment": Row(Path("configs/digits_global_alignment.yaml")),
     "fitnet": Row(Path("configs/digits_fitnet.yaml")),
 }
@@ -64,7 +66,8 @@ SUITES: dict[str, tuple[str, ...]] = {
     "all": ("qskd", "kd_detr", "active_sampling", "global_alignment", "fitnet"),
     "qskd": ("qskd", "agfd_only", "lapd_only"),
     "kd_detr": ("kd_detr", "kd_detr_general", "kd_detr_specific", "kd_detr_no_rebalance"),
-    "active_sampling": ("active_sampling", "active_sampling_t1", "active_sampling_t2", "active_sampling_t8"),
+    "active_sampling": ("active_sampling", "active_sampling_t1", "active_sampling_t2", "active_sampling_t8",
+                        "active_sampling_rebalance"),
 }
 RESULT_FILES = {"all": "accuracy.json"}
 

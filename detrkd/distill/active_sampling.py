@@ -40,6 +40,12 @@ Losses (Sec. 3.4), returned already weighted as {"sampling", "l1", "cls"}:
   ``"bernoulli"``: per-class binary KL summed over classes (the KL of independent per-class
   probabilities; BCE minus the teacher's entropy). Both are 0 when the samples are equal.
   The paper gives no lambdas: defaults are DETR's L1 / class weights, 5 and 1; sampling 1 (Eq. 18).
+- ``rebalance`` (detrkd's option, off by default = the paper): the per-point means become means
+  weighted by the teacher's confidence at the point, w_i = max_c S_t[i, c] (detached; KD-DETR's
+  foreground weight, Eq. 5 there), sum_i w_i x_i / sum_i w_i. Why: on the digits data 90% of the
+  teacher's 100 predictions are background (confidence < 0.1) and carry over 90% of both terms; a
+  30-query student cannot reproduce 100 background boxes, and matching them pulled its foreground
+  predictions away from the teacher's (``benchmarks/as_points.py``, README -> Benchmarks).
 - ``layers="last"``: final layers only; ``"all"``: student layer i vs teacher layer
   round(i * (Lt - 1) / (Ls - 1)) (LAPD's ``layer_pairs``), distillation terms summed over pairs
   (as DETR sums auxiliary losses), sampling loss averaged over the teacher layers used (one ASM).
@@ -175,14 +181,14 @@ class ActiveSampling(DistillMethod):
     (samples averaged over heads); points: "teacher" | "teacher+student" | "random";
     temperature: T of the distillation sampling weights (Eq. 15; the sampling loss uses 1);
     class_kd: "kl" | "bernoulli"; sampling_weight / bbox_weight / cls_weight: loss weights;
-    layers: "last" | "all". ``num_classes`` is taken from ``teacher`` when not given.
+    rebalance: weight points by the teacher's confidence (module docstring); layers: "last" | "all". ``num_classes`` is taken from ``teacher`` when not given.
     """
 
     def __init__(self, teacher: object = None, student: object = None, *, num_classes: int | None = None,
                  hidden: int = 256, dim: int | None = None, mlp_layers: int = 2, heads: int = 1,
                  points: PointsKind = "teacher", temperature: float = 4.0, class_kd: ClassDistance = "kl",
                  sampling_weight: float = 1.0, bbox_weight: float = 5.0, cls_weight: float = 1.0,
-                 layers: Literal["last", "all"] = "last"):
+                 rebalance: bool = False, layers: Literal["last", "all"] = "last"):
         super().__init__()
         num_classes = num_classes if num_classes is not None else getattr(teacher, "num_classes", None)
         if num_classes is None:
@@ -197,6 +203,7 @@ class ActiveSampling(DistillMethod):
             raise ValueError(f"heads={heads} must be >= 1 and divide the ASM dim {self.asm.dim}")
         self.num_classes, self.heads, self.points = int(num_classes), int(heads), points
         self.temperature, self.class_kd, self.layers = float(temperature), class_kd, layers
+        self.rebalance = bool(rebalance)
         self.weights = {"sampling": float(sampling_weight), "l1": float(bbox_weight), "cls": float(cls_weight)}
 
     def forward(self, ctx: DistillContext) -> dict[str, Tensor]:
@@ -220,9 +227,13 @@ class ActiveSampling(DistillMethod):
     def distill(self, teacher: TeacherSide, y_s: Tensor) -> tuple[Tensor, Tensor]:
         """Unweighted (l1, cls) of one layer pair; teacher = ``teacher_side`` output, y_s [B, Qs, 4 + C]."""
         s_t, s_s = self.samples(teacher, y_s)
-        l1 = (s_s[..., :4] - s_t[..., :4]).abs().sum(-1).mean()
-        cls = class_distance(s_t[..., 4:], s_s[..., 4:], self.class_kd).mean()
-        return l1, cls
+        l1 = (s_s[..., :4] - s_t[..., :4]).abs().sum(-1)  # [B, M]
+        cls = class_distance(s_t[..., 4:], s_s[..., 4:], self.class_kd)
+        if not self.rebalance:
+            return l1.mean(), cls.mean()
+        w = s_t[..., 4:].max(-1).values  # [B, M], a constant (S_t is)
+        norm = w.sum().clamp(min=EPS)
+        return (w * l1).sum() / norm, (w * cls).sum() / norm
 
     def samples(self, teacher: TeacherSide, y_s: Tensor) -> tuple[Tensor, Tensor]:
         """(S_t, S_s) [B, M, 4 + C] at the same points, temperature T; S_t is a constant."""
@@ -246,7 +257,8 @@ class ActiveSampling(DistillMethod):
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, heads={self.heads}, points={self.points}, "
-                f"temperature={self.temperature}, class_kd={self.class_kd}, layers={self.layers}, "
+                f"temperature={self.temperature}, class_kd={self.class_kd}, rebalance={self.rebalance}, "
+                f"layers={self.layers}, "
                 f"weights={self.weights}")
 
 
