@@ -184,6 +184,7 @@ def write_results(results: list[dict[str, Any]], suite: Suite) -> None:
     import torch
 
     out = suite.out
+    code = git_sha()  # before this function modifies tracked result files
     raw = out.parent / out.stem
     raw.mkdir(parents=True, exist_ok=True)
     for row in results:
@@ -194,7 +195,7 @@ def write_results(results: list[dict[str, Any]], suite: Suite) -> None:
     out.write_text(json.dumps(results, indent=2) + "\n")
     preset = suite.preset.name
     meta = {"suite": suite.name, "preset": preset, "preset_notes": suite.preset.notes, "hardware": hardware(),
-            "torch": torch.__version__, "git_sha": git_sha(),
+            "torch": torch.__version__, "git_sha": code,
             "command": f"detrkd bench accuracy --suite {suite.name} --preset {preset}"}
     out.with_name(out.stem + "_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     footer = (f"\n\n`{meta['command']}` ({suite.preset.notes}); {meta['hardware']}, torch {meta['torch']}, "
