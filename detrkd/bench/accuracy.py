@@ -212,7 +212,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         gap = "" if r["gap_closed"] is None else f"{r['gap_closed']:.2f}"
         code = ", ".join(r.get("trained_at_git") or ["not recorded"])
-        cells = [r["method"], *(f"{r[k]:.3f}" for k in STATS), gap, f"{r['train_minutes']:.0f} ({r.get('threads') or 'default'})", code]
+        minutes = f"{r['train_minutes']:.0f} ({r.get('threads') or 'default'})"
+        cells = [r["method"], *(f"{r[k]:.3f}" for k in STATS), gap, minutes, code]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -42,10 +42,11 @@ Losses (Sec. 3.4), returned already weighted as {"sampling", "l1", "cls"}:
   The paper gives no lambdas: defaults are DETR's L1 / class weights, 5 and 1; sampling 1 (Eq. 18).
 - ``rebalance`` (detrkd's option, off by default = the paper): the per-point means become means
   weighted by the teacher's confidence at the point, w_i = max_c S_t[i, c] (detached; KD-DETR's
-  foreground weight, Eq. 5 there), sum_i w_i x_i / sum_i w_i. Why: on the digits data 90% of the
-  teacher's 100 predictions are background (confidence < 0.1) and carry over 90% of both terms; a
-  30-query student cannot reproduce 100 background boxes, and matching them pulled its foreground
-  predictions away from the teacher's (``benchmarks/as_points.py``, README -> Benchmarks).
+  foreground weight, Eq. 5 there), sum_i w_i x_i / sum_i w_i. Why it was tried: on the digits data
+  90% of the teacher's 100 predictions are background (confidence < 0.1) and carry over 90% of
+  both terms, and the 30-query student moved away from the teacher at its confident points
+  (``benchmarks/as_points.py``). Measured there it is WORSE than the plain means (README ->
+  Benchmarks -> Accuracy), so it stays off by default.
 - ``layers="last"``: final layers only; ``"all"``: student layer i vs teacher layer
   round(i * (Lt - 1) / (Ls - 1)) (LAPD's ``layer_pairs``), distillation terms summed over pairs
   (as DETR sums auxiliary losses), sampling loss averaged over the teacher layers used (one ASM).
@@ -181,7 +182,8 @@ class ActiveSampling(DistillMethod):
     (samples averaged over heads); points: "teacher" | "teacher+student" | "random";
     temperature: T of the distillation sampling weights (Eq. 15; the sampling loss uses 1);
     class_kd: "kl" | "bernoulli"; sampling_weight / bbox_weight / cls_weight: loss weights;
-    rebalance: weight points by the teacher's confidence (module docstring); layers: "last" | "all". ``num_classes`` is taken from ``teacher`` when not given.
+    rebalance: weight points by the teacher's confidence (module docstring); layers: "last" | "all".
+    ``num_classes`` is taken from ``teacher`` when not given.
     """
 
     def __init__(self, teacher: object = None, student: object = None, *, num_classes: int | None = None,
@@ -258,8 +260,7 @@ class ActiveSampling(DistillMethod):
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, heads={self.heads}, points={self.points}, "
                 f"temperature={self.temperature}, class_kd={self.class_kd}, rebalance={self.rebalance}, "
-                f"layers={self.layers}, "
-                f"weights={self.weights}")
+                f"layers={self.layers}, weights={self.weights}")
 
 
 def _vectors(out: DetectorOutput, layer: int) -> Tensor:
