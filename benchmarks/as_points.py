@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -21,32 +22,37 @@ from torch.utils.data import DataLoader
 from detrkd.checkpoint import load_checkpoint
 from detrkd.cli import detector_on_split, load_for_inference
 from detrkd.data.collate import collate
-from detrkd.distill.active_sampling import ActiveSampling, _vectors, class_distance
+from detrkd.distill.active_sampling import ActiveSampling, _vectors
 
 BUCKETS = ((0.0, 0.1), (0.1, 0.5), (0.5, 1.01))
 
 
-def main(student_ckpt: str, as_ckpt: str = "runs/digits_active_sampling/last.pt") -> None:
-    torch.set_num_threads(1)
+def teacher_and_val_batches(batches: int = 8) -> tuple[Any, list[dict[str, Any]]]:
+    """(the digits teacher, its first ``batches`` val batches of 8 images, teacher transforms)."""
     args = SimpleNamespace(checkpoint=Path("runs/digits_teacher/last.pt"), device="cpu", data="data/digits",
                            image_size=None, batch_size=8, split="val")
     teacher, dataset, _, _ = detector_on_split(args)
+    loader = DataLoader(dataset, batch_size=8, shuffle=False, collate_fn=collate)
+    return teacher, [b for _, b in zip(range(batches), loader)]
+
+
+def main(student_ckpt: str, as_ckpt: str = "runs/digits_active_sampling/last.pt") -> None:
+    torch.set_num_threads(1)
+    teacher, batches = teacher_and_val_batches()
     student, _ = load_for_inference(Path(student_ckpt), "cpu")
     state = load_checkpoint(as_ckpt)
     options = dict(state["config"]["methods"]["active_sampling"])
     options.pop("weight", None)
     method = ActiveSampling(num_classes=teacher.num_classes, **options).eval()
     method.load_state_dict(state["extra_modules"]["active_sampling"])
-    loader = DataLoader(dataset, batch_size=8, shuffle=False, collate_fn=collate)
     l1s, clss, conf = [], [], []
     with torch.no_grad():
-        for _, b in zip(range(8), loader):
-            y_t = _vectors(teacher(b["pixel_values"], b["pixel_mask"]), -1)
-            y_s = _vectors(student(b["pixel_values"], b["pixel_mask"]), -1)
+        for b in batches:
             side = method.teacher_side(teacher(b["pixel_values"], b["pixel_mask"]), -1)
-            s_t, s_s = method.samples(side, y_s)
-            l1s.append((s_s[..., :4] - s_t[..., :4]).abs().sum(-1).flatten())
-            clss.append(class_distance(s_t[..., 4:], s_s[..., 4:], method.class_kd).flatten())
+            y_t, y_s = side[0], _vectors(student(b["pixel_values"], b["pixel_mask"]), -1)
+            l1, cls = method.point_losses(*method.samples(side, y_s))
+            l1s.append(l1.flatten())
+            clss.append(cls.flatten())
             conf.append(y_t[..., 4:].max(-1).values.flatten())
     l1, cls, conf = torch.cat(l1s), torch.cat(clss), torch.cat(conf)
     print(f"student {student_ckpt}; ASM of {as_ckpt} (step {state['global_step']}, T = {method.temperature}); "

@@ -16,14 +16,10 @@ from __future__ import annotations
 
 import math
 import sys
-from pathlib import Path
-from types import SimpleNamespace
 
 import torch
-from torch.utils.data import DataLoader
+from as_points import teacher_and_val_batches  # benchmarks/ (the script's folder is on sys.path)
 
-from detrkd.cli import detector_on_split
-from detrkd.data.collate import collate
 from detrkd.distill.active_sampling import ActiveSampling, _vectors, diagonal_nll, sampling_logits
 
 STEPS, WARMUP, REPORT = 3000, 300, (1, 100, 300, 600, 1000, 2000, 3000)
@@ -31,13 +27,9 @@ STEPS, WARMUP, REPORT = 3000, 300, (1, 100, 300, 600, 1000, 2000, 3000)
 
 def teacher_vectors(batches: int = 8) -> list[torch.Tensor]:
     """Final-layer prediction vectors [8, Qt, 4 + C] of the first ``batches`` val batches."""
-    args = SimpleNamespace(checkpoint=Path("runs/digits_teacher/last.pt"), device="cpu", data="data/digits",
-                           image_size=None, batch_size=8, split="val")
-    model, dataset, _, _ = detector_on_split(args)
-    loader = DataLoader(dataset, batch_size=8, shuffle=False, collate_fn=collate)
+    model, val = teacher_and_val_batches(batches)
     with torch.no_grad():
-        return [_vectors(model(b["pixel_values"], b["pixel_mask"]), -1)
-                for _, b in zip(range(batches), loader)]
+        return [_vectors(model(b["pixel_values"], b["pixel_mask"]), -1) for b in val]
 
 
 def lr_at(step: int, peak: float) -> float:

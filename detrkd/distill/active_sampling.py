@@ -229,13 +229,18 @@ class ActiveSampling(DistillMethod):
     def distill(self, teacher: TeacherSide, y_s: Tensor) -> tuple[Tensor, Tensor]:
         """Unweighted (l1, cls) of one layer pair; teacher = ``teacher_side`` output, y_s [B, Qs, 4 + C]."""
         s_t, s_s = self.samples(teacher, y_s)
-        l1 = (s_s[..., :4] - s_t[..., :4]).abs().sum(-1)  # [B, M]
-        cls = class_distance(s_t[..., 4:], s_s[..., 4:], self.class_kd)
+        l1, cls = self.point_losses(s_t, s_s)
         if not self.rebalance:
             return l1.mean(), cls.mean()
         w = s_t[..., 4:].max(-1).values  # [B, M], a constant (S_t is)
         norm = w.sum().clamp(min=EPS)
         return (w * l1).sum() / norm, (w * cls).sum() / norm
+
+    def point_losses(self, s_t: Tensor, s_s: Tensor) -> tuple[Tensor, Tensor]:
+        """Unweighted per-point (L1 summed over the 4 box coordinates, class distance), each [B, M],
+        of samples S_t, S_s [B, M, 4 + C]."""
+        l1 = (s_s[..., :4] - s_t[..., :4]).abs().sum(-1)
+        return l1, class_distance(s_t[..., 4:], s_s[..., 4:], self.class_kd)
 
     def samples(self, teacher: TeacherSide, y_s: Tensor) -> tuple[Tensor, Tensor]:
         """(S_t, S_s) [B, M, 4 + C] at the same points, temperature T; S_t is a constant."""
