@@ -7,7 +7,8 @@ mapping. A *suite* is a list of rows written to one result file:
 
     all              every method at its paper defaults          -> accuracy.json
     qskd             QSKD and its AGFD-only / LAPD-only ablation  -> qskd.json
-    kd_detr          KD-DETR points and rebalance ablation       -> kd_detr.json
+    kd_detr          KD-DETR points and rebalance ablation, and   -> kd_detr.json
+                     mean-normalised terms (normalise: mean)
     active_sampling  active sampling, its temperature sweep and  -> active_sampling.json
                      confidence-weighted points (rebalance)
 
@@ -54,6 +55,7 @@ ROWS: dict[str, Row] = {
     "kd_detr_general": Row(KD_DETR, ("methods.kd_detr.points=general",)),
     "kd_detr_specific": Row(KD_DETR, ("methods.kd_detr.points=specific",)),
     "kd_detr_no_rebalance": Row(KD_DETR, ("methods.kd_detr.rebalance=false",)),
+    "kd_detr_mean": Row(KD_DETR, ("methods.kd_detr.normalise=mean",)),
     "active_sampling": Row(ACTIVE_SAMPLING),
     **{f"active_sampling_t{t}": Row(ACTIVE_SAMPLING, (f"methods.active_sampling.temperature={t}.0",))
        for t in (1, 2, 8)},
@@ -65,7 +67,7 @@ ROWS: dict[str, Row] = {
 SUITES: dict[str, tuple[str, ...]] = {
     "all": ("qskd", "kd_detr", "active_sampling", "global_alignment", "fitnet"),
     "qskd": ("qskd", "agfd_only", "lapd_only"),
-    "kd_detr": ("kd_detr", "kd_detr_general", "kd_detr_specific", "kd_detr_no_rebalance"),
+    "kd_detr": ("kd_detr", "kd_detr_general", "kd_detr_specific", "kd_detr_no_rebalance", "kd_detr_mean"),
     "active_sampling": ("active_sampling", "active_sampling_t1", "active_sampling_t2", "active_sampling_t8",
                         "active_sampling_rebalance"),
 }
