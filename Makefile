@@ -1,5 +1,5 @@
 # The two quick-start commands (README): `make distill` and `make test`.
-# Every install goes through constraints.txt, which pins torch==2.13.0 (CPU build here): an
+# Every install goes through constraints.txt, which pins torch==2.14.1 + torchvision==0.29.1 (a CUDA build that runs on the CPU here): an
 # unpinned install would pull the newest torch with gigabytes of CUDA packages.
 PYTHON ?= python3
 VENV ?= .venv

@@ -161,7 +161,7 @@ def _add_analyze(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _add_bench(sub: Any, common: argparse.ArgumentParser) -> None:
-    from detrkd.bench.accuracy import PRESETS, SUITES
+    from detrkd.bench.accuracy import PRESETS, SETTINGS, SUITES
 
     bench = sub.add_parser("bench", parents=[common], help="benchmarks: accuracy and training-step overhead")
     kinds = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
@@ -172,8 +172,14 @@ def _add_bench(sub: Any, common: argparse.ArgumentParser) -> None:
     acc.add_argument("--suite", default="all", choices=sorted(SUITES),
                      help="all = every method at its paper defaults (default); or one method's ablation")
     acc.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="run sizes (default cpu)")
+    acc.add_argument("--setting", default="compressed", choices=sorted(SETTINGS),
+                     help="teacher / student pair: compressed = RT-DETR small -> tiny (default); paper = the "
+                          "papers' setting, the student keeps the teacher's transformer, smaller backbone only")
+    acc.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="K",
+                     help="train every row but the teacher once per seed; rows report the mean (default 0)")
+    acc.add_argument("--threads", type=int, help="torch threads of each run started now (default: the configs')")
     acc.add_argument("--only", nargs="+", metavar="ROW", help="train only these rows of the suite now")
-    acc.add_argument("--out", type=Path, help="result file (default benchmarks/results/<suite>.json, "
+    acc.add_argument("--out", type=Path, help="result file (default benchmarks/results/[paper/]<suite>.json, "
                                               "accuracy.json for all)")
     acc.set_defaults(func=cmd_bench_accuracy)
     ov = kinds.add_parser("overhead", parents=[common], help="seconds per training step of every method",
@@ -338,7 +344,8 @@ def cmd_bench_accuracy(args: argparse.Namespace) -> int:
     """``detrkd bench accuracy``."""
     from detrkd.bench.accuracy import markdown, run_suite
 
-    rows = run_suite(args.suite, args.preset, only=args.only, out=args.out)
+    rows = run_suite(args.suite, args.preset, only=args.only, out=args.out, setting=args.setting, seeds=args.seeds,
+                     threads=args.threads)
     print(markdown(rows))
     return 0
 

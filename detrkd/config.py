@@ -39,6 +39,9 @@ class ModelConfig:
     family: str
     # named size preset: "tiny" (smoke tests), "small" (student), "base" (teacher)
     preset: str
+    # a preset name whose backbone replaces ``preset``'s (transformer unchanged); None keeps it.
+    # The papers' students: the teacher's transformer on a smaller backbone
+    backbone: str | None = None
     # number of detection queries; None keeps the preset's value
     num_queries: int | None = None
     # initial weights: a HF ``from_pretrained`` dir or a detrkd checkpoint (.pt); None = random init

@@ -725,7 +725,7 @@ def make_detector(config: TrainConfig, num_classes: int, class_names: Sequence[s
     if class_names is not None:
         overrides.setdefault("id2label", {i: name for i, name in enumerate(class_names)})
         overrides.setdefault("label2id", {name: i for i, name in enumerate(class_names)})
-    return build_detector(mcfg.family, mcfg.preset, num_classes, **overrides)
+    return build_detector(mcfg.family, mcfg.preset, num_classes, backbone=mcfg.backbone, **overrides)
 
 
 def transforms_for(family: str, split: str, data: Any) -> Any:

@@ -12,11 +12,18 @@ mapping. A *suite* is a list of rows written to one result file:
     active_sampling  active sampling, its temperature sweep and  -> active_sampling.json
                      confidence-weighted points (rebalance)
 
-Rows are shared between suites (one run directory per row and preset: ``runs/<preset prefix>_<row>``),
-finished runs are reused and interrupted ones resumed, so suites can be run in any order, in pieces
-(``--only``), and in the background. A *preset* sizes the runs for the hardware: ``cpu`` is the
-configs as committed (the bundled digits data, 2 threads, 12 epochs: the whole ``all`` suite is a few
-hours on a 2-core CPU), ``gpu`` a larger teacher / student on a larger digits set.
+Rows are shared between suites (one run directory per row, setting, preset and seed:
+``runs/[paper_]<preset prefix>_<row>[_seed<K>]``), finished runs are reused and interrupted ones
+resumed, so suites can be run in any order, in pieces (``--only``), and in the background.
+
+A *setting* says which teacher / student pair a suite distils (``SETTINGS``): ``compressed`` is the
+configs as committed (RT-DETR small -> tiny: the student has a 64-wide, 2-layer, 30-query decoder),
+``paper`` the papers' setting (the student keeps the teacher's transformer exactly and has a smaller
+backbone only). Each setting writes its own result files (``paper``: under ``results/paper/``).
+A *preset* sizes the runs for the hardware: ``cpu`` is the configs as committed (the bundled digits
+data, 12 epochs), ``gpu`` a larger teacher / student on a larger digits set. *Seeds*: every row but
+the teacher (seed 0, shared) is trained once per seed; a result row reports the mean over the seeds
+that finished and each seed's stats (``per_seed``).
 """
 
 from __future__ import annotations
@@ -101,19 +108,51 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+@dataclass(frozen=True)
+class Setting:
+    """Which teacher / student pair: ``--set`` overrides of the teacher's and of every student's
+    config (the configs as committed are the ``compressed`` pair), a run-directory prefix and the
+    result sub-directory."""
+
+    name: str
+    prefix: str = ""
+    results: str = ""
+    teacher_sets: tuple[str, ...] = ()
+    student_sets: tuple[str, ...] = ()
+    notes: str = ""
+
+
+SETTINGS: dict[str, Setting] = {
+    "compressed": Setting("compressed", notes="RT-DETR small (d 128, 1 / 3 layers, 100 queries, 32-256 backbone) "
+                                              "-> tiny (d 64, 1 / 2 layers, 30 queries, 16-128 backbone)"),
+    "paper": Setting("paper", "paper_", "paper", teacher_sets=("model.backbone=base",),
+                     student_sets=("model.preset=small", "model.backbone=tiny"),
+                     notes="the papers' setting: teacher and student share the RT-DETR small transformer "
+                           "(d 128, 1 encoder / 3 decoder layers, 100 queries); backbones ResNet-18-like "
+                           "(64-512, 2-2-2-2) -> tiny (16-128, 1-1-1-1)"),
+}
+
+
 @dataclass
 class Suite:
-    """The runs of one suite under one preset, and where their results go."""
+    """The runs of one suite under one setting, preset and seeds, and where their results go."""
 
     name: str
     preset: Preset
     rows: Sequence[str]
     out: Path
+    setting: Setting = SETTINGS["compressed"]
+    seeds: Sequence[int] = (0,)
+    threads: int | None = None
     commands: dict[str, list[str]] = field(default_factory=dict)
 
-    def run_dir(self, row: str) -> Path:
+    def run_dir(self, row: str, seed: int = 0) -> Path:
         legacy = {"teacher": "teacher", "no_kd": "student"}  # the baseline's directory names
-        return Path("runs") / f"{self.preset.prefix}_{legacy.get(row, row)}"
+        suffix = f"_seed{seed}" if seed else ""
+        return Path("runs") / f"{self.setting.prefix}{self.preset.prefix}_{legacy.get(row, row)}{suffix}"
+
+    def row_seeds(self, row: str) -> Sequence[int]:
+        return (0,) if row == "teacher" else self.seeds
 
     def ensure_data(self) -> str:
         data = self.preset.data
@@ -122,56 +161,88 @@ class Suite:
             run(detrkd_cmd(*args))
         return shown(args)
 
-    def train(self, name: str) -> dict[str, Any]:
-        """Train (or reuse) and evaluate one row; its stats plus the commands that made them."""
-        row, run_dir = ROWS[name], self.run_dir(name)
+    def sets(self, name: str, seed: int = 0) -> list[str]:
+        """Every ``--set`` of one row's run: data, preset, setting, teacher, the row's own, seed."""
+        row = ROWS[name]
+        teacher = name == "teacher"
         sets = [f"data.root={self.preset.data}", *self.preset.sets]
-        sets += self.preset.teacher_sets if name == "teacher" else self.preset.student_sets
+        sets += self.preset.teacher_sets if teacher else self.preset.student_sets
+        sets += self.setting.teacher_sets if teacher else self.setting.student_sets
         if row.command == "distill":
             sets.append(f"teacher={self.run_dir('teacher') / 'last.pt'}")
         sets += row.sets
-        command = ensure_trained(row.command, row.config, run_dir, sets)
+        sets += [f"seed={seed}"] if seed else []
+        return sets + ([f"threads={self.threads}"] if self.threads else [])
+
+    def train(self, name: str, seed: int = 0) -> dict[str, Any]:
+        """Train (or reuse) and evaluate one row for one seed; its stats (the commands that made
+        them go to ``self.commands``)."""
+        row, run_dir = ROWS[name], self.run_dir(name, seed)
+        command = ensure_trained(row.command, row.config, run_dir, self.sets(name, seed))
         stats, eval_command = evaluate_run(run_dir, self.preset.data)
-        self.commands[name] = [*(read_commands(run_dir) or [command]), eval_command]
+        self.commands.setdefault(name, []).extend([*(read_commands(run_dir) or [command]), eval_command])
         return stats
 
+    def finished(self, name: str, seed: int = 0) -> bool:
+        return (self.run_dir(name, seed) / "eval_val.json").exists()
 
-def result_row(name: str, run_dir: Path, stats: dict[str, Any], teacher_ap: float, student_ap: float,
-               commands: list[str]) -> dict[str, Any]:
-    """One row of a result file (see the issue's schema), with ``gap_closed`` and provenance."""
+
+def mean_stats(per_seed: dict[int, dict[str, Any]]) -> dict[str, float]:
+    """The mean of each COCO stat over the seeds of one row."""
+    return {k: sum(s[k] for s in per_seed.values()) / len(per_seed) for k in STATS}
+
+
+def result_row(name: str, run_dirs: dict[int, Path], per_seed: dict[int, dict[str, Any]], teacher_ap: float,
+               student_ap: float, commands: list[str]) -> dict[str, Any]:
+    """One row of a result file, with ``gap_closed`` and provenance. Stats are means over the seeds
+    (``per_seed``: each seed's AP and run directory); the curve, config and minutes are the
+    first seed's."""
     gap = teacher_ap - student_ap
-    config = run_config(run_dir)
+    stats = mean_stats(per_seed)
+    first = run_dirs[min(run_dirs)]
+    config = run_config(first)
     return {"method": name, **{k: round(stats[k], 4) for k in STATS},
             "teacher_ap": round(teacher_ap, 4), "student_ap": round(student_ap, 4),
             "gap_closed": round((stats["ap"] - student_ap) / gap, 3) if gap > 0 else None,
-            "train_minutes": round(train_minutes(run_dir), 1), "threads": config.get("threads"),
-            "methods": config.get("methods"), "run_dir": str(run_dir),
-            "trained_at_git": read_git_shas(run_dir) or None,
-            "eval_curve": eval_curve(run_dir), "command": commands}
+            "seeds": sorted(per_seed),
+            "per_seed": {str(k): {"ap": round(v["ap"], 4), "run_dir": str(run_dirs[k])} for k, v in sorted(per_seed.items())},
+            "train_minutes": round(train_minutes(first), 1), "threads": config.get("threads"),
+            "methods": config.get("methods"), "run_dir": str(first),
+            "trained_at_git": sorted({sha for d in run_dirs.values() for sha in read_git_shas(d)}) or None,
+            "eval_curve": eval_curve(first), "command": commands}
 
 
 def run_suite(name: str, preset: str | Preset = "cpu", only: Sequence[str] | None = None,
-              out: Path | None = None, results_dir: Path = Path("benchmarks/results")) -> list[dict[str, Any]]:
-    """Run (or reuse) the teacher, the no-KD student and the suite's rows; write the result file
-    (``<suite>.json``, or ``accuracy.json`` for ``all``), ``*_meta.json``, a markdown table and a
-    PNG plot next to it; returns the rows. ``only``: a subset of the suite's rows to run now (rows
-    already finished are reported too)."""
+              out: Path | None = None, results_dir: Path = Path("benchmarks/results"),
+              setting: str | Setting = "compressed", seeds: Sequence[int] = (0,),
+              threads: int | None = None) -> list[dict[str, Any]]:
+    """Run (or reuse) the teacher, the no-KD student and the suite's rows under one setting, for
+    every seed; write the result file (``<suite>.json``, or ``accuracy.json`` for ``all``, under
+    the setting's sub-directory), ``*_meta.json``, a markdown table and a PNG plot next to it;
+    returns the rows. ``only``: a subset of the suite's rows to run now (rows and seeds already
+    finished are reported too); ``threads``: torch threads of the runs started now (default: the
+    configs'; results repeat bit-for-bit for a fixed thread count)."""
     rows = list(SUITES[name])
     unknown = sorted(set(only or ()) - set(rows))
     if unknown:
         raise ValueError(f"--only: {unknown} are not rows of suite {name!r}; its rows: {rows}")
-    out = out or results_dir / RESULT_FILES.get(name, f"{name}.json")
-    suite = Suite(name, PRESETS[preset] if isinstance(preset, str) else preset, rows, out)
+    setting = SETTINGS[setting] if isinstance(setting, str) else setting
+    out = out or results_dir / setting.results / RESULT_FILES.get(name, f"{name}.json")
+    suite = Suite(name, PRESETS[preset] if isinstance(preset, str) else preset, rows, out, setting,
+                  tuple(sorted(set(seeds))), threads)
     data_command = suite.ensure_data()
-    base = {role: suite.train(role) for role in ("teacher", "no_kd")}
+    stats: dict[str, dict[int, dict[str, Any]]] = {}
+    for row in ("teacher", "no_kd", *rows):
+        wanted = row in ("teacher", "no_kd") or only is None or row in only
+        done = {seed: suite.train(row, seed) for seed in suite.row_seeds(row)
+                if wanted or suite.finished(row, seed)}
+        if done:
+            stats[row] = done
     for role in ("teacher", "no_kd"):
         suite.commands[role].insert(0, data_command)
-    t_ap, s_ap = base["teacher"]["ap"], base["no_kd"]["ap"]
-    stats = dict(base)
-    for row in rows:
-        if only is None or row in only or (suite.run_dir(row) / "eval_val.json").exists():
-            stats[row] = suite.train(row)
-    results = [result_row(r, suite.run_dir(r), s, t_ap, s_ap, suite.commands[r]) for r, s in stats.items()]
+    t_ap, s_ap = (mean_stats(stats[r])["ap"] for r in ("teacher", "no_kd"))
+    results = [result_row(r, {k: suite.run_dir(r, k) for k in s}, s, t_ap, s_ap, suite.commands[r])
+               for r, s in stats.items()]
     write_results(results, suite)
     return results
 
@@ -190,32 +261,40 @@ def write_results(results: list[dict[str, Any]], suite: Suite) -> None:
     raw = out.parent / out.stem
     raw.mkdir(parents=True, exist_ok=True)
     for row in results:
-        run_dir = Path(row["run_dir"])
-        optional = [PROVENANCE_FILE] if (run_dir / PROVENANCE_FILE).exists() else []  # not in older runs
-        for name in [*RAW_FILES, *optional]:
-            shutil.copyfile(run_dir / name, raw / f"{row['method']}_{name}")
+        for seed, entry in row["per_seed"].items():
+            run_dir = Path(entry["run_dir"])
+            optional = [PROVENANCE_FILE] if (run_dir / PROVENANCE_FILE).exists() else []  # not in older runs
+            tag = row["method"] + (f"_seed{seed}" if seed != "0" else "")
+            for name in [*RAW_FILES, *optional]:
+                shutil.copyfile(run_dir / name, raw / f"{tag}_{name}")
     out.write_text(json.dumps(results, indent=2) + "\n")
     preset = suite.preset.name
-    meta = {"suite": suite.name, "preset": preset, "preset_notes": suite.preset.notes, "hardware": hardware(),
+    setting = suite.setting.name
+    seeds = " ".join(map(str, suite.seeds))
+    meta = {"suite": suite.name, "setting": setting, "setting_notes": suite.setting.notes, "preset": preset,
+            "preset_notes": suite.preset.notes, "seeds": list(suite.seeds), "hardware": hardware(),
             "torch": torch.__version__, "git_sha": code,
-            "command": f"detrkd bench accuracy --suite {suite.name} --preset {preset}"}
+            "command": f"detrkd bench accuracy --suite {suite.name} --setting {setting} --preset {preset} "
+                       f"--seeds {seeds}"}
     out.with_name(out.stem + "_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    footer = (f"\n\n`{meta['command']}` ({suite.preset.notes}); {meta['hardware']}, torch {meta['torch']}, "
+    footer = (f"\n\n`{meta['command']}` ({suite.setting.notes}; {suite.preset.notes}); {meta['hardware']}, "
+              f"torch {meta['torch']}, "
               f"git {meta['git_sha']}. Val split, COCO AP; `gap closed` = (AP - no-KD AP) / (teacher AP - "
               f"no-KD AP). Each row's commands: `{out.name}`; raw outputs: `{raw.name}/`.")
     out.with_suffix(".md").write_text(markdown(results) + footer + "\n")
-    plot(results, out.with_suffix(".png"), title=f"{suite.name} ({preset}, {suite.preset.data})")
+    plot(results, out.with_suffix(".png"), title=f"{suite.name} ({setting} setting, {preset}, {suite.preset.data})")
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The result rows as a markdown table."""
-    lines = ["| method | AP | AP50 | AP75 | APs | APm | APl | gap closed | train min (threads) | trained at git |",
-             "|" + "---|" * 10]
+    lines = ["| method | AP | AP50 | AP75 | APs | APm | APl | AP per seed | gap closed | train min (threads) | trained at git |",
+             "|" + "---|" * 11]
     for r in rows:
         gap = "" if r["gap_closed"] is None else f"{r['gap_closed']:.2f}"
         code = ", ".join(r.get("trained_at_git") or ["not recorded"])
         minutes = f"{r['train_minutes']:.0f} ({r.get('threads') or 'default'})"
-        cells = [r["method"], *(f"{r[k]:.3f}" for k in STATS), gap, minutes, code]
+        per_seed = " / ".join(f"{v['ap']:.3f} (s{k})" for k, v in r.get("per_seed", {}).items())
+        cells = [r["method"], *(f"{r[k]:.3f}" for k in STATS), per_seed, gap, minutes, code]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

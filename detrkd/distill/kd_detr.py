@@ -14,22 +14,24 @@ Points (``points``):
   min_size / 2 <= w, h <= 1 (a clipped box keeps at least half its width). ``"logit_normal"``: the
   official code's law, all four cxcywh coordinates sigmoid(N(0, 1)) (the code draws one set per
   batch; here per image); coordinates are in (0, 1) but a box may extend past the border.
-- "specific": the teacher's own detection queries. The teacher's predictions at them are its
-  detection predictions (``teacher_out.predictions``): decoding its own queries reproduces them
-  (adapter contract; the official code reuses them in the same way), so no teacher decode is
-  spent on them. The student decodes the teacher's reference boxes
-  (``teacher_out.queries.reference_boxes``, detached) with ITS default content and position for a
-  box (``decode(boxes)``: zeros for DETR/DAB/Conditional/plain Deformable, the box embedding for
-  two-stage Deformable, memory content at the box centre for RT-DETR/D-FINE; the teacher's content
-  lives in another feature space). 2-d reference points (Conditional, plain Deformable: w = h = 0)
-  get w = h = ``point_size``; a teacher without reference boxes (DETR) uses its first decoder
-  layer's predicted boxes.
+- "specific": the teacher's own detection queries, as boxes: its reference boxes
+  (``teacher_out.queries.reference_boxes``, detached). BOTH models decode these boxes with their
+  default content and position for a box (``decode(boxes)``: zeros for DETR/DAB/Conditional/plain
+  Deformable, the box embedding for two-stage Deformable, memory content at the box centre for
+  RT-DETR/D-FINE), so they are given the same points by the same rule, which is what KD-DETR
+  requires. The teacher's own detection outputs are NOT reused as targets (the official code,
+  on DAB-DETR, does): a family's detection queries carry content the student cannot be given
+  (RT-DETR / D-FINE: the memory at the top-k token, whose anchor is not the refined box; DETR,
+  Conditional: learned query embeddings), so a student identical to its teacher would be pulled
+  away from it. Where the default content IS the query's own (DAB, two-stage Deformable) the
+  decode reproduces the detection outputs (tested). 2-d reference points (Conditional, plain
+  Deformable: w = h = 0) get w = h = ``point_size``; a teacher without reference boxes (DETR)
+  uses its first decoder layer's predicted boxes.
 - "both" (default): the two groups, general first.
 
-Efficiency: the teacher decodes the general points in ONE ``decode`` call under ``torch.no_grad``
-(the specific group needs none); the student decodes all groups in ONE call whose
-``self_attn_mask`` is block-diagonal, so groups never attend to each other (each point attends to
-its own group, as the teacher's group does).
+Efficiency: each model decodes all groups in ONE ``decode`` call (the teacher's under
+``torch.no_grad``) whose ``self_attn_mask`` is block-diagonal, so groups never attend to each
+other (each point attends to its own group only, in both models).
 
 Table 1 baselines (no extra points, no decode; the same loss on detection-query pairs):
 "inconsistent" (student query i <-> teacher query i, i < min(Qs, Qt)), "similar_foreground"
@@ -256,18 +258,17 @@ class KDDETR(DistillMethod):
 
     # ---- points ------------------------------------------------------------------------------
     def point_groups(self, ctx: DistillContext) -> list[PointGroup]:
-        """Sample the points and decode them: one teacher call (no_grad), one student call."""
-        boxes, teacher = [], []
+        """Sample the points and decode them: one teacher call (no_grad), one student call, both
+        with the same boxes, group mask and default-content rule."""
+        boxes = []
         if self.points in ("general", "both"):
             tokens = ctx.student_out.memory.tokens
-            general = sample_general_points(tokens.shape[0], self.general, self.sampling, self.min_size,
-                                            tokens.device).to(tokens.dtype)
-            with torch.no_grad(), record_function("detrkd::decode"):
-                teacher.append(_detached(ctx.teacher.decode(ctx.teacher_out, general)))
-            boxes.append(general)
+            boxes.append(sample_general_points(tokens.shape[0], self.general, self.sampling, self.min_size,
+                                               tokens.device).to(tokens.dtype))
         if self.points in ("specific", "both"):
             boxes.append(specific_points(ctx.teacher_out, self.point_size))
-            teacher.append(_detached(ctx.teacher_out.predictions))
+        with torch.no_grad():
+            teacher = [_detached(p) for p in decode_groups(ctx.teacher, ctx.teacher_out, boxes)]
         student = decode_groups(ctx.student, ctx.student_out, boxes)
         names = ("general", "specific") if self.points == "both" else (self.points,)
         return [PointGroup(*g) for g in zip(names, boxes, student, teacher)]

@@ -6,6 +6,7 @@ family's import cost (or failure) does not touch the others.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 from pathlib import Path
@@ -26,7 +27,7 @@ ADAPTERS: dict[str, str] = {
 
 __all__ = ["ADAPTERS", "PRESETS", "DetectorOutput", "DetrAdapter", "EncoderMemory", "Predictions",
            "PresetSize", "Queries", "adapter_class", "build_detector", "count_hooks",
-           "detector_from_state", "family_of_model_type", "load_detector", "save_detector"]
+           "detector_from_state", "family_of_model_type", "load_detector", "preset_size", "save_detector"]
 
 
 def adapter_class(family: str) -> type[DetrAdapter]:
@@ -46,17 +47,32 @@ def family_of_model_type(model_type: str) -> str:
                      f"(supported: {sorted(ADAPTERS)})")
 
 
-def build_detector(family: str, preset: str, num_classes: int, **hf_overrides: Any) -> DetrAdapter:
+def preset_size(preset: str, backbone: str | None = None) -> PresetSize:
+    """The size of a named preset, with the backbone of preset ``backbone`` if given (the
+    transformer stays ``preset``'s: the papers' students keep the teacher's transformer)."""
+    for name in (preset, backbone):
+        if name is not None and name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    size = PRESETS[preset]
+    if backbone is None:
+        return size
+    bb = PRESETS[backbone]
+    return dataclasses.replace(size, backbone_widths=bb.backbone_widths, backbone_depths=bb.backbone_depths,
+                               layer_type=bb.layer_type)
+
+
+def build_detector(family: str, preset: str, num_classes: int, backbone: str | None = None,
+                   **hf_overrides: Any) -> DetrAdapter:
     """A randomly initialised detector of a named size (``tiny``/``small``/``base``), offline.
 
+    backbone: a preset name whose backbone replaces ``preset``'s (``preset_size``);
     hf_overrides: HF config keys of the family (e.g. ``num_queries=100``, ``decoder_layers=3``).
     """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    size = preset_size(preset, backbone)
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     cls = adapter_class(family)
-    return cls.from_config(cls.make_config(PRESETS[preset], num_classes, **hf_overrides))
+    return cls.from_config(cls.make_config(size, num_classes, **hf_overrides))
 
 
 def detector_from_state(family: str, hf_config: dict[str, Any]) -> DetrAdapter:
