@@ -27,9 +27,10 @@ from detrkd.distill.active_sampling import ActiveSampling, _vectors
 BUCKETS = ((0.0, 0.1), (0.1, 0.5), (0.5, 1.01))
 
 
-def teacher_and_val_batches(batches: int = 8) -> tuple[Any, list[dict[str, Any]]]:
+def teacher_and_val_batches(batches: int = 8, checkpoint: str = "runs/digits_teacher/last.pt"
+                            ) -> tuple[Any, list[dict[str, Any]]]:
     """(the digits teacher, its first ``batches`` val batches of 8 images, teacher transforms)."""
-    args = SimpleNamespace(checkpoint=Path("runs/digits_teacher/last.pt"), device="cpu", data="data/digits",
+    args = SimpleNamespace(checkpoint=Path(checkpoint), device="cpu", data="data/digits",
                            image_size=None, batch_size=8, split="val")
     teacher, dataset, _, _ = detector_on_split(args)
     loader = DataLoader(dataset, batch_size=8, shuffle=False, collate_fn=collate)
@@ -49,8 +50,9 @@ def main(student_ckpt: str, as_ckpt: str = "runs/digits_active_sampling/last.pt"
     with torch.no_grad():
         for b in batches:
             side = method.teacher_side(teacher(b["pixel_values"], b["pixel_mask"]), -1)
-            y_t, y_s = side[0], _vectors(student(b["pixel_values"], b["pixel_mask"]), -1)
-            l1, cls = method.point_losses(*method.samples(side, y_s))
+            s_out = student(b["pixel_values"], b["pixel_mask"])
+            y_t, y_s = side[0], _vectors(s_out, -1)
+            l1, cls = method.point_losses(*method.samples(side, y_s), method.class_mode(s_out.class_head))
             l1s.append(l1.flatten())
             clss.append(cls.flatten())
             conf.append(y_t[..., 4:].max(-1).values.flatten())

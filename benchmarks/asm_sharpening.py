@@ -7,10 +7,12 @@ loss and the mean diagonal weight W_ii (how much of point i's sample is output i
 the distillation temperature T = 4. While W is uniform (W_ii = 1 / Qt) every sample is the set mean,
 whatever T: the temperature sweep can only differ once the ASM has sharpened.
 
-    OMP_NUM_THREADS=1 python benchmarks/asm_sharpening.py [PEAK_LR ...]   # default 2e-4 1e-3
+    OMP_NUM_THREADS=1 python benchmarks/asm_sharpening.py [--teacher CKPT] [PEAK_LR[:nowarmup] ...]
+    # default 2e-4 1e-3; "1e-3:nowarmup" = the ASM's own optimiser (active sampling's asm_lr 1e-3,
+    # asm_warmup false: the cosine decay from step 1)
 
-Needs runs/digits_teacher/last.pt and data/digits (``make baseline``). Output of the run behind the
-README: benchmarks/results/active_sampling/asm_sharpening.txt.
+Needs a teacher checkpoint (default runs/digits_teacher/last.pt) and data/digits. Outputs of the runs
+behind the README: benchmarks/results/active_sampling/asm_sharpening*.txt.
 """
 from __future__ import annotations
 
@@ -25,18 +27,19 @@ from detrkd.distill.active_sampling import ActiveSampling, _vectors, diagonal_nl
 STEPS, WARMUP, REPORT = 3000, 300, (1, 100, 300, 600, 1000, 2000, 3000)
 
 
-def teacher_vectors(batches: int = 8) -> list[torch.Tensor]:
+def teacher_vectors(checkpoint: str, batches: int = 8) -> list[torch.Tensor]:
     """Final-layer prediction vectors [8, Qt, 4 + C] of the first ``batches`` val batches."""
-    model, val = teacher_and_val_batches(batches)
+    model, val = teacher_and_val_batches(batches, checkpoint)
     with torch.no_grad():
         return [_vectors(model(b["pixel_values"], b["pixel_mask"]), -1) for b in val]
 
 
-def lr_at(step: int, peak: float) -> float:
-    """Linear warmup then cosine decay, as ``optim.schedule: cosine`` in the digits configs."""
-    if step <= WARMUP:
+def lr_at(step: int, peak: float, warmup: bool = True) -> float:
+    """Linear warmup (unless ``warmup`` is False) then cosine decay, as ``optim.schedule: cosine``
+    in the digits configs (``engine.lr_factor``)."""
+    if warmup and step <= WARMUP:
         return peak * step / WARMUP
-    return peak * 0.5 * (1 + math.cos(math.pi * step / STEPS))
+    return peak * 0.5 * (1 + math.cos(math.pi * max(0, step - WARMUP) / (STEPS - WARMUP)))
 
 
 def diagonal_weight(scores: torch.Tensor, temperature: float) -> float:
@@ -44,13 +47,13 @@ def diagonal_weight(scores: torch.Tensor, temperature: float) -> float:
     return (scores / temperature).softmax(-1).diagonal(dim1=-2, dim2=-1).mean().item()
 
 
-def train(ys: list[torch.Tensor], peak: float) -> None:
+def train(ys: list[torch.Tensor], peak: float, warmup: bool = True) -> None:
     method = ActiveSampling(num_classes=ys[0].shape[-1] - 4)
     opt = torch.optim.AdamW(method.parameters(), lr=peak, weight_decay=1e-4)
-    print(f"peak lr {peak:g}:  step  loss   W_ii(T=1)  W_ii(T=4)")
+    print(f"peak lr {peak:g}{'' if warmup else ', no warmup'}:  step  loss   W_ii(T=1)  W_ii(T=4)")
     for step in range(1, STEPS + 1):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, peak)
+            group["lr"] = lr_at(step, peak, warmup)
         q, k = method.asm(ys[step % len(ys)])
         scores = sampling_logits(q, k)
         loss = diagonal_nll(scores)
@@ -62,15 +65,19 @@ def train(ys: list[torch.Tensor], peak: float) -> None:
                   f"      {diagonal_weight(scores.detach(), 4):.3f}")
 
 
-def main() -> None:
-    torch.manual_seed(0)
+def main(argv: list[str]) -> None:
+    checkpoint = "runs/digits_teacher/last.pt"
+    if argv[:1] == ["--teacher"]:
+        checkpoint, argv = argv[1], argv[2:]
     torch.set_num_threads(1)
-    ys = teacher_vectors()
-    print(f"teacher vectors {list(ys[0].shape)}; uniform sampling: loss ln(Qt) = {math.log(ys[0].shape[1]):.3f}, "
-          f"W_ii = {1 / ys[0].shape[1]:.3f}")
-    for peak in map(float, sys.argv[1:] or ("2e-4", "1e-3")):
-        train(ys, peak)
+    ys = teacher_vectors(checkpoint)
+    print(f"teacher {checkpoint}, vectors {list(ys[0].shape)}; uniform sampling: loss ln(Qt) = "
+          f"{math.log(ys[0].shape[1]):.3f}, W_ii = {1 / ys[0].shape[1]:.3f}")
+    for spec in argv or ("2e-4", "1e-3"):
+        peak, _, mode = spec.partition(":")
+        torch.manual_seed(0)
+        train(ys, float(peak), warmup=mode != "nowarmup")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from detrkd.distill.query_selection import (TABLE1_THRESHOLDS, QuerySelection, count_queries_per_gt,
                                             group_query_selection)
-from detrkd.matching import class_probabilities
+from detrkd.matching import class_probabilities, matcher_costs
 
 KIND_COLOURS = {"positive": "lime", "hard negative": "yellow", "easy negative": "magenta"}
 
@@ -111,7 +111,7 @@ def _select(model: Any, batch: dict[str, Any], threshold: float,
                for t in batch["labels"]]
     out = model(batch["pixel_values"].to(device), batch["pixel_mask"].to(device))
     return group_query_selection(out.predictions.logits[-1], out.predictions.boxes[-1], targets,
-                                 out.class_head, threshold)
+                                 out.class_head, threshold, costs=matcher_costs(model.config))
 
 
 def _accumulate(totals: dict[str, int], sel: QuerySelection, num_gt: int) -> None:
@@ -309,7 +309,7 @@ def _forward_with_attention(model: Any, pixel_values: Tensor, pixel_mask: Tensor
             out = model(pixel_values.to(device), pixel_mask.to(device), with_attention=True)
             gt = [{"class_labels": target["class_labels"].to(device), "boxes": target["boxes"].to(device)}]
             sel = group_query_selection(out.predictions.logits[-1], out.predictions.boxes[-1], gt,
-                                        out.class_head, threshold)
+                                        out.class_head, threshold, costs=matcher_costs(model.config))
     finally:
         model.train(was_training)
     return out, sel

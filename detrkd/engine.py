@@ -172,9 +172,10 @@ def build_optimizer(groups: Sequence[ParamGroup], optim: OptimConfig) -> torch.o
 
 
 # ---- learning-rate schedule ---------------------------------------------------------------
-def lr_factor(step: int, optim: OptimConfig, steps_per_epoch: int) -> float:
-    """LR multiplier at ``step`` (0-based): linear warm-up to 1, then cosine or step decay."""
-    warm = min(1.0, (step + 1) / optim.warmup_steps) if optim.warmup_steps > 0 else 1.0
+def lr_factor(step: int, optim: OptimConfig, steps_per_epoch: int, warmup: bool = True) -> float:
+    """LR multiplier at ``step`` (0-based): linear warm-up to 1 (``warmup=False``: none, the decay
+    alone), then cosine or step decay."""
+    warm = min(1.0, (step + 1) / optim.warmup_steps) if optim.warmup_steps > 0 and warmup else 1.0
     total = optim.epochs * steps_per_epoch
     if optim.schedule == "step":
         drops = sum(step >= e * steps_per_epoch for e in optim.step_epochs)
@@ -187,11 +188,17 @@ def lr_factor(step: int, optim: OptimConfig, steps_per_epoch: int) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig,
                     steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step ``LambdaLR`` applying ``lr_factor`` to every group's peak LR."""
+    """Per-step ``LambdaLR`` applying ``lr_factor`` to every group's peak LR; a group with
+    ``"warmup": False`` (e.g. a method's sampling module, ``DistillMethod.optim_options``) skips the
+    warm-up."""
     def factor(step: int) -> float:
         return lr_factor(step, optim, steps_per_epoch)
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    def no_warmup(step: int) -> float:
+        return lr_factor(step, optim, steps_per_epoch, warmup=False)
+
+    lambdas = [factor if group.get("warmup", True) else no_warmup for group in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
 
 # ---- data order ---------------------------------------------------------------------------

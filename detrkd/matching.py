@@ -7,7 +7,7 @@
   predictions vs ground truth (labels) or predictions vs predictions (logits).
 - ``hungarian_match(logits [B, Q, K], boxes [B, Q, 4], targets, class_head)``: the matcher of the
   detector's own loss (HF / DETR ``HungarianMatcher`` semantics): one cost tensor for the batch,
-  split per image, solved on CPU.
+  split per image, solved on CPU; ``matcher_costs(config)`` gives a model's own cost weights.
 
 Boxes are normalised cxcywh. Class heads: ``"softmax"`` (K = C + 1, last logit = no-object) or
 ``"sigmoid"`` (K = C).
@@ -55,6 +55,33 @@ class CostWeights(NamedTuple):
     cls: float = 1.0
     l1: float = 5.0
     giou: float = 2.0
+
+
+class MatcherCosts(NamedTuple):
+    """Everything a DETR Hungarian matcher's cost depends on: weights (class, L1, GIoU), whether a
+    sigmoid head's class cost is the focal one, and its alpha / gamma."""
+
+    weights: CostWeights = CostWeights()
+    focal: bool = True
+    alpha: float = 0.25
+    gamma: float = 2.0
+
+
+def matcher_costs(config: Any) -> MatcherCosts:
+    """The matcher costs of a model, read from its HF config as transformers' own loss builds its
+    matcher: RT-DETR / RT-DETRv2 / D-FINE (``RTDetrHungarianMatcher``): ``matcher_{class,bbox,giou}_cost``,
+    focal iff ``use_focal_loss``, ``matcher_alpha`` / ``matcher_gamma``; DETR (``HungarianMatcher``)
+    and Deformable / Conditional / DAB-DETR (``DeformableDetrHungarianMatcher``, alpha 0.25 and gamma
+    2 fixed there): ``{class,bbox,giou}_cost``, focal for their sigmoid heads (DETR's softmax head
+    ignores ``focal``). transformers' defaults: class 2 / L1 5 / GIoU 2 for RT-DETR, D-FINE,
+    Conditional and DAB; 1 / 5 / 2 for DETR and Deformable DETR."""
+    if hasattr(config, "matcher_class_cost"):
+        weights = CostWeights(config.matcher_class_cost, config.matcher_bbox_cost, config.matcher_giou_cost)
+        return MatcherCosts(weights, bool(getattr(config, "use_focal_loss", True)),
+                            float(config.matcher_alpha), float(config.matcher_gamma))
+    if hasattr(config, "class_cost"):
+        return MatcherCosts(CostWeights(config.class_cost, config.bbox_cost, config.giou_cost))
+    raise ValueError(f"{type(config).__name__} has no matcher costs (no matcher_class_cost / class_cost)")
 
 
 # ---- solvers ---------------------------------------------------------------------------------------
@@ -275,11 +302,15 @@ def hungarian_match(
     weights: CostWeights | tuple[float, float, float] = CostWeights(),
     focal: bool = True,
     solver: Solver = "auto",
+    alpha: float = 0.25,
+    gamma: float = 2.0,
 ) -> list[tuple[Tensor, Tensor]]:
     """Match predictions to ground truth, per image, like HF/DETR ``HungarianMatcher``.
 
     logits: [B, Q, K]; boxes: [B, Q, 4] normalised cxcywh;
     targets: B dicts with ``class_labels`` [n_b] long and ``boxes`` [n_b, 4] normalised cxcywh.
+    weights / focal / alpha / gamma: the cost (``pairwise_cost``); a model's own are
+    ``matcher_costs(model.config)``.
     Returns B pairs ``(pred_idx, gt_idx)``, CPU int64 tensors of length min(Q, n_b), pred_idx
     ascending. The cost is ONE [B, Q, T] tensor (targets padded to T = max n_b, rather than DETR's
     [B*Q, sum n_b] which computes every cross-image pair) copied to the CPU once; each image's
@@ -289,7 +320,8 @@ def hungarian_match(
     if len(sizes) != logits.shape[0]:
         raise ValueError(f"{len(sizes)} targets for a batch of {logits.shape[0]}")
     labels, gt_boxes, _ = pad_targets(targets, logits.device)
-    cost = pairwise_cost(logits.float(), boxes.float(), labels, gt_boxes, class_head, weights, focal)
+    cost = pairwise_cost(logits.float(), boxes.float(), labels, gt_boxes, class_head, weights, focal,
+                         alpha=alpha, gamma=gamma)
     cost = cost.cpu().numpy()
     matches = []
     for i, n in enumerate(sizes):

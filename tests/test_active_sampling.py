@@ -130,6 +130,45 @@ def test_class_distances_are_zero_only_at_equality():
         class_distance(t, t, "bce")
 
 
+def _sigmoid_student_over_one(q: int = 10, seed: int = 4) -> DetectorOutput:
+    """A sigmoid student whose every query's class probabilities sum to more than 1 (as most of a
+    fresh RT-DETR student's do), with gradients."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (0.5 + torch.rand(1, 2, q, C, generator=g)).requires_grad_(True)  # sigmoid >= 0.62 each
+    boxes = torch.rand(1, 2, q, 4, generator=g) * 0.6 + 0.2
+    return _output(logits, boxes, "sigmoid")
+
+
+def test_sigmoid_student_over_one_gets_a_class_gradient_by_default():
+    """Defect: the C + 1 KL clamps the student's no-object mass at 0 where its probabilities sum to
+    >= 1; the term then saturates with no gradient towards fewer confident classes. The default
+    (``class_kd: auto``) uses the per-class Bernoulli KL for sigmoid students: gradient everywhere."""
+    logits, boxes = _random_predictions("sigmoid", q=30)
+    teacher = _output(logits - 3.0, boxes, "sigmoid")  # a mostly-background teacher
+    student = _sigmoid_student_over_one()
+    assert (student.predictions.logits.sigmoid().sum(-1) > 1).all()
+    method = ActiveSampling(num_classes=C, hidden=32)
+    assert method.class_kd == "auto"
+    (grad,) = torch.autograd.grad(method(_ctx(teacher, student))["cls"], student.predictions.logits)
+    assert grad.abs().sum() > 1e-3 and (grad > 0).float().mean() > 0.9  # lower every class probability
+    saturated = ActiveSampling(num_classes=C, hidden=32, class_kd="kl")
+    (kl_grad,) = torch.autograd.grad(saturated(_ctx(teacher, student))["cls"], student.predictions.logits)
+    assert kl_grad.sum().abs() < 1e-3 * grad.sum().abs()  # the paper's C + 1 form: no pull down
+
+
+def test_auto_class_distance_follows_the_student_head():
+    logits, boxes = _random_predictions("softmax", q=30)
+    teacher = _output(logits, boxes, "softmax")
+    s_logits, s_boxes = _random_predictions("softmax", q=10, seed=2)
+    for head, expected in (("softmax", "kl"), ("sigmoid", "bernoulli")):
+        student = _output(s_logits if head == "softmax" else s_logits[..., :-1], s_boxes, head)
+        terms = {}
+        for mode in ("auto", expected):
+            torch.manual_seed(0)
+            terms[mode] = ActiveSampling(num_classes=C, hidden=32, class_kd=mode)(_ctx(teacher, student))["cls"]
+        torch.testing.assert_close(terms["auto"], terms[expected])
+
+
 # ---- the method -----------------------------------------------------------------------------------
 
 

@@ -184,3 +184,27 @@ def test_no_methods_skips_the_teacher_forward(pair, two_image_batch, monkeypatch
     monkeypatch.setattr(teacher, "forward", lambda *a, **k: pytest.fail("teacher ran without methods"))
     loss, terms = distiller(two_image_batch)
     assert list(terms) == ["det/loss"] and torch.isfinite(loss)
+
+
+def test_a_methods_own_parameters_get_its_optim_options(tmp_path: Path):
+    """Active sampling's ASM trains at asm_lr with no warm-up (its Eq. 16 target is the fixed
+    teacher's: under the student's 300-step warm-up it sampled uniformly for ~300 steps), the
+    student keeps its warm-up; asm_warmup: true restores the shared schedule."""
+    from detrkd.data.digits import make_digits_dataset
+    from detrkd.distill.train import build_distill_trainer
+
+    make_digits_dataset(tmp_path / "data", train_images=4, val_images=2, image_size=64)
+    save_detector(build_detector("rt_detr", "tiny", 10), tmp_path / "teacher")
+    raw = {"model": {"family": "rt_detr", "preset": "tiny"},
+           "data": {"root": str(tmp_path / "data"), "image_size": 64, "batch_size": 2, "hflip": False},
+           "optim": {"lr": 2e-4, "epochs": 2, "warmup_steps": 100}, "teacher": str(tmp_path / "teacher"),
+           "methods": {"active_sampling": {"hidden": 16}}, "output_dir": str(tmp_path / "run")}
+    trainer = build_distill_trainer(load_config(raw, schema=DistillConfig), progress=False)
+    lrs = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}  # after the scheduler's step 0
+    assert lrs["distill/active_sampling"] == pytest.approx(1e-3)
+    assert lrs["main"] == pytest.approx(2e-4 / 100)
+    raw["methods"]["active_sampling"].update(asm_warmup=True, asm_lr=None)
+    raw["output_dir"] = str(tmp_path / "run2")
+    trainer = build_distill_trainer(load_config(raw, schema=DistillConfig), progress=False)
+    lrs = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}
+    assert lrs["distill/active_sampling"] == pytest.approx(lrs["main"])

@@ -14,7 +14,7 @@ from detrkd.distill.query_selection import (
     group_query_selection,
     queries_per_gt,
 )
-from detrkd.matching import hungarian_match
+from detrkd.matching import CostWeights, MatcherCosts, hungarian_match
 
 # Image A: GT0 = xyxy (0.15, 0.15, 0.35, 0.35) class 0, GT1 = (0.65, 0.65, 0.85, 0.85) class 1.
 GT_A = torch.tensor([[0.25, 0.25, 0.2, 0.2], [0.75, 0.75, 0.2, 0.2]])
@@ -108,7 +108,7 @@ def test_positive_keeps_its_own_giou_even_if_another_gt_overlaps_more():
     boxes = torch.tensor([[[0.25, 0.25, 0.2, 0.2], [0.26, 0.25, 0.2, 0.2]]])
     logits = torch.tensor([[[-9.0, 9.0], [9.0, -9.0]]])
     sel = group_query_selection(logits, boxes, [{"class_labels": torch.tensor([0, 1]), "boxes": gt}], "sigmoid",
-                                weights=(100.0, 0.0, 1.0))
+                                costs=MatcherCosts(CostWeights(100.0, 0.0, 1.0)))
     giou = generalized_box_iou(cxcywh_to_xyxy(boxes[0]), cxcywh_to_xyxy(gt))
     assert sel.positive.tolist() == [[True, True]] and sel.group.tolist() == [[1, 0]]
     torch.testing.assert_close(sel.giou[0], torch.stack([giou[0, 1], giou[1, 0]]))
@@ -202,3 +202,50 @@ def test_queries_per_gt_statistic():
     assert counts.tolist() == [3, 5] and num_gt == 2
     g = sel.giou[0, 1]  # ">=": a query whose G equals the threshold counts
     assert count_queries_per_gt(sel, thresholds=(g.item(), _next_float32(g, 2.0)))[0].tolist() == [3, 2]
+
+
+# ---- positives are the detector's own Hungarian matches ------------------------------------------------
+
+
+def _hf_matcher(model):
+    """transformers' own matcher for a detrkd adapter, built the way its loss builds it."""
+    from transformers.loss.loss_deformable_detr import DeformableDetrHungarianMatcher
+    from transformers.loss.loss_for_object_detection import HungarianMatcher
+    from transformers.loss.loss_rt_detr import RTDetrHungarianMatcher
+
+    cfg = model.config
+    if model.family in ("rt_detr", "rt_detr_v2", "d_fine"):
+        return RTDetrHungarianMatcher(cfg)
+    cls = HungarianMatcher if model.family == "detr" else DeformableDetrHungarianMatcher
+    return cls(class_cost=cfg.class_cost, bbox_cost=cfg.bbox_cost, giou_cost=cfg.giou_cost)
+
+
+@pytest.mark.parametrize("family", ["detr", "conditional_detr", "dab_detr", "deformable_detr", "rt_detr",
+                                    "rt_detr_v2", "d_fine"])
+def test_gqs_positives_are_the_matches_of_the_models_own_matcher(family):
+    """DistillContext.selection (what AGFD, LAPD and KD-DETR's Table 1 pairs use) picks the
+    positives transformers' matcher of that model picks, with the model's config costs (RT-DETR:
+    class 2 / L1 5 / GIoU 2, not DETR's 1 / 5 / 2)."""
+    from detrkd.distill.base import DistillContext
+    from detrkd.models import build_detector
+    from detrkd.models.base import DetectorOutput, Predictions, Queries
+
+    model = build_detector(family, "tiny", 5)
+    gen = torch.Generator().manual_seed(5)
+    b, q, k = 4, 30, 5 + (model.class_head == "softmax")
+    logits = 3 * torch.randn(b, q, k, generator=gen)
+    boxes = torch.cat([0.2 + 0.6 * torch.rand(b, q, 2, generator=gen), 0.05 + 0.3 * torch.rand(b, q, 2, generator=gen)], -1)
+    targets = [{"class_labels": torch.randint(0, 5, (n,), generator=gen),
+                "boxes": torch.cat([0.2 + 0.6 * torch.rand(n, 2, generator=gen), 0.05 + 0.3 * torch.rand(n, 2, generator=gen)], -1)}
+               for n in (6, 3, 8, 5)]
+    out = DetectorOutput(predictions=Predictions(logits[None], boxes[None]), class_head=model.class_head,
+                         memory=None, queries=Queries(None, None, None))
+    sel = DistillContext(model, model, out, out, targets).selection("student")
+    theirs = _hf_matcher(model)({"logits": logits, "pred_boxes": boxes}, targets)
+    for i, (pred, gt) in enumerate(theirs):
+        expected = torch.full((8,), -1, dtype=torch.long)
+        expected[gt] = pred
+        assert sel.positive_index[i, :len(gt)].tolist() == expected[:len(gt)].tolist()
+    if family == "rt_detr":  # the check can tell the costs apart: DETR's 1 / 5 / 2 picks other positives
+        detr_costs = group_query_selection(logits, boxes, targets, model.class_head)
+        assert not torch.equal(detr_costs.positive_index, sel.positive_index)

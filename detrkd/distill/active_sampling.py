@@ -33,12 +33,18 @@ Losses (Sec. 3.4), returned already weighted as {"sampling", "l1", "cls"}:
   Table 4's best; it softens W so several outputs contribute to each sample);
   l1 = lambda_bbox * mean_points sum_4 |S_s box - S_t box|;
   cls = lambda_cls * mean_points D(S_t cls, S_s cls). The sampled class vectors are mixtures of
-  probabilities. ``class_kd="kl"`` (default, the paper's KL): a vector p over the C real classes
-  becomes a distribution over C + 1 outcomes, p / max(1, sum p) plus the remaining mass as
-  "no object" (for softmax heads this IS the mixture of the C + 1 softmax distributions, exactly
-  the paper's vectors; sigmoid vectors summing over 1 are renormalised), then KL(t || s).
+  probabilities. ``class_kd="kl"`` (the paper's KL): a vector p over the C real classes becomes a
+  distribution over C + 1 outcomes, p / max(1, sum p) plus the remaining mass as "no object" (for
+  softmax heads this IS the mixture of the C + 1 softmax distributions, exactly the paper's
+  vectors; sigmoid vectors summing over 1 are renormalised), then KL(t || s).
   ``"bernoulli"``: per-class binary KL summed over classes (the KL of independent per-class
   probabilities; BCE minus the teacher's entropy). Both are 0 when the samples are equal.
+  ``"auto"`` (default): "kl" for a softmax student, "bernoulli" for a sigmoid student. Why: a
+  sigmoid student's sample whose probabilities sum to >= 1 (90% of a fresh RT-DETR tiny student's
+  queries) has its no-object mass clamped to 0 in the C + 1 form; the KL then sits at
+  t_no-object * log(t_no-object / eps) (about 10) and is scale-invariant in p, so it gives NO
+  gradient towards lower class probabilities, which is what a mostly-background teacher asks for.
+  The Bernoulli KL is the KL of exactly what a sigmoid head models and has a gradient everywhere.
   The paper gives no lambdas: defaults are DETR's L1 / class weights, 5 and 1; sampling 1 (Eq. 18).
 - ``rebalance`` (detrkd's option, off by default = the paper): the per-point means become means
   weighted by the teacher's confidence at the point, w_i = max_c S_t[i, c] (detached; KD-DETR's
@@ -82,7 +88,7 @@ from .losses import class_probabilities
 PointsKind = Literal["teacher", "teacher+student", "random"]
 # (Y_t [B, Qt, 4 + C], q(Y_t) [B, Qt, d], k(Y_t) [B, Qt, d], their scores [B, h, Qt, Qt] at T = 1)
 TeacherSide = tuple[Tensor, Tensor, Tensor, Tensor]
-ClassDistance = Literal["kl", "bernoulli"]
+ClassDistance = Literal["auto", "kl", "bernoulli"]
 EPS = 1e-6
 
 
@@ -181,22 +187,24 @@ class ActiveSampling(DistillMethod):
     hidden / dim / mlp_layers: ASM sizes (``dim`` defaults to ``hidden``); heads: attention heads
     (samples averaged over heads); points: "teacher" | "teacher+student" | "random";
     temperature: T of the distillation sampling weights (Eq. 15; the sampling loss uses 1);
-    class_kd: "kl" | "bernoulli"; sampling_weight / bbox_weight / cls_weight: loss weights;
-    rebalance: weight points by the teacher's confidence (module docstring); layers: "last" | "all".
+    class_kd: "auto" (by the student's head) | "kl" | "bernoulli"; sampling_weight / bbox_weight / cls_weight: loss weights;
+    rebalance: weight points by the teacher's confidence (module docstring); layers: "last" | "all";
+    asm_lr / asm_warmup: the ASM's peak learning rate (None: the student's) and warm-up.
     ``num_classes`` is taken from ``teacher`` when not given.
     """
 
     def __init__(self, teacher: object = None, student: object = None, *, num_classes: int | None = None,
                  hidden: int = 256, dim: int | None = None, mlp_layers: int = 2, heads: int = 1,
-                 points: PointsKind = "teacher", temperature: float = 4.0, class_kd: ClassDistance = "kl",
+                 points: PointsKind = "teacher", temperature: float = 4.0, class_kd: ClassDistance = "auto",
                  sampling_weight: float = 1.0, bbox_weight: float = 5.0, cls_weight: float = 1.0,
-                 rebalance: bool = False, layers: Literal["last", "all"] = "last"):
+                 rebalance: bool = False, layers: Literal["last", "all"] = "last", asm_lr: float | None = 1e-3,
+                 asm_warmup: bool = False):
         super().__init__()
         num_classes = num_classes if num_classes is not None else getattr(teacher, "num_classes", None)
         if num_classes is None:
             raise ValueError("ActiveSampling needs the teacher or num_classes to size its sampling module")
         check_choice("ActiveSampling", "points", points, ("teacher", "teacher+student", "random"))
-        check_choice("ActiveSampling", "class_kd", class_kd, ("kl", "bernoulli"))
+        check_choice("ActiveSampling", "class_kd", class_kd, ("auto", "kl", "bernoulli"))
         check_choice("ActiveSampling", "layers", layers, ("last", "all"))
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -207,13 +215,22 @@ class ActiveSampling(DistillMethod):
         self.temperature, self.class_kd, self.layers = float(temperature), class_kd, layers
         self.rebalance = bool(rebalance)
         self.weights = {"sampling": float(sampling_weight), "l1": float(bbox_weight), "cls": float(cls_weight)}
+        if asm_lr is not None and asm_lr <= 0:
+            raise ValueError(f"asm_lr must be > 0 (or null: the student's lr), got {asm_lr}")
+        self.asm_lr, self.asm_warmup = (None if asm_lr is None else float(asm_lr)), bool(asm_warmup)
+
+    def optim_options(self) -> dict[str, object]:
+        """The ASM's optimiser: ``asm_lr`` (None: the student's) and no warm-up unless ``asm_warmup``
+        (module docstring, "Training the ASM")."""
+        return {**({"lr": self.asm_lr} if self.asm_lr is not None else {}), "warmup": self.asm_warmup}
 
     def forward(self, ctx: DistillContext) -> dict[str, Tensor]:
         pairs = layer_pairs(ctx.student_out.predictions.num_layers, ctx.teacher_out.predictions.num_layers,
                             self.layers)
         teacher = {t: self.teacher_side(ctx.teacher_out, t) for t in sorted({t for _, t in pairs})}
         sampling = torch.stack([diagonal_nll(side[3]) for side in teacher.values()]).mean()
-        per_layer = [self.distill(teacher[t], _vectors(ctx.student_out, s)) for s, t in pairs]
+        mode = self.class_mode(ctx.student_out.class_head)
+        per_layer = [self.distill(teacher[t], _vectors(ctx.student_out, s), mode) for s, t in pairs]
         terms = {"sampling": sampling,
                  "l1": torch.stack([l1 for l1, _ in per_layer]).sum(),
                  "cls": torch.stack([cls for _, cls in per_layer]).sum()}
@@ -226,21 +243,28 @@ class ActiveSampling(DistillMethod):
         q_t, k_t = self.asm(y_t)
         return y_t, q_t, k_t, sampling_logits(q_t, k_t, self.heads)
 
-    def distill(self, teacher: TeacherSide, y_s: Tensor) -> tuple[Tensor, Tensor]:
-        """Unweighted (l1, cls) of one layer pair; teacher = ``teacher_side`` output, y_s [B, Qs, 4 + C]."""
+    def class_mode(self, student_head: ClassHead) -> str:
+        """The class distance used for a student head ("auto": "kl" for softmax, "bernoulli" for sigmoid)."""
+        if self.class_kd != "auto":
+            return self.class_kd
+        return "kl" if student_head == "softmax" else "bernoulli"
+
+    def distill(self, teacher: TeacherSide, y_s: Tensor, mode: str = "kl") -> tuple[Tensor, Tensor]:
+        """Unweighted (l1, cls) of one layer pair; teacher = ``teacher_side`` output, y_s [B, Qs, 4 + C];
+        mode: the class distance ("kl" | "bernoulli")."""
         s_t, s_s = self.samples(teacher, y_s)
-        l1, cls = self.point_losses(s_t, s_s)
+        l1, cls = self.point_losses(s_t, s_s, mode)
         if not self.rebalance:
             return l1.mean(), cls.mean()
         w = s_t[..., 4:].max(-1).values  # [B, M], a constant (S_t is)
         norm = w.sum().clamp(min=EPS)
         return (w * l1).sum() / norm, (w * cls).sum() / norm
 
-    def point_losses(self, s_t: Tensor, s_s: Tensor) -> tuple[Tensor, Tensor]:
-        """Unweighted per-point (L1 summed over the 4 box coordinates, class distance), each [B, M],
-        of samples S_t, S_s [B, M, 4 + C]."""
+    def point_losses(self, s_t: Tensor, s_s: Tensor, mode: str = "kl") -> tuple[Tensor, Tensor]:
+        """Unweighted per-point (L1 summed over the 4 box coordinates, class distance ``mode``),
+        each [B, M], of samples S_t, S_s [B, M, 4 + C]."""
         l1 = (s_s[..., :4] - s_t[..., :4]).abs().sum(-1)
-        return l1, class_distance(s_t[..., 4:], s_s[..., 4:], self.class_kd)
+        return l1, class_distance(s_t[..., 4:], s_s[..., 4:], mode)
 
     def samples(self, teacher: TeacherSide, y_s: Tensor) -> tuple[Tensor, Tensor]:
         """(S_t, S_s) [B, M, 4 + C] at the same points, temperature T; S_t is a constant."""

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from ..distributed import detection_loss
+from ..matching import MatcherCosts, matcher_costs
 from ..models.base import DetectorOutput, DetrAdapter
 from .query_selection import QuerySelection, group_query_selection
 
@@ -49,16 +50,24 @@ class DistillContext:
 
     def selection(self, who: Literal["teacher", "student"], layer: int = -1,
                   threshold: float = 0.0) -> QuerySelection:
-        """Group Query Selection of one model's decoder layer vs GT (on detached predictions),
-        computed once per step and shared by every method that asks for the same one."""
-        out = self.teacher_out if who == "teacher" else self.student_out
+        """Group Query Selection of one model's decoder layer vs GT (on detached predictions, with
+        the model's own matcher costs), computed once per step and shared by every method that asks
+        for the same one."""
+        out, model = (self.teacher_out, self.teacher) if who == "teacher" else (self.student_out, self.student)
         layer = layer % out.predictions.num_layers
         key = f"gqs/{who}/layer{layer}/threshold{float(threshold)}"
         if key not in self.cache:
             logits, boxes = out.predictions.layer(layer)
             self.cache[key] = group_query_selection(logits.detach(), boxes.detach(), self.targets,
-                                                    out.class_head, threshold=threshold)
+                                                    out.class_head, threshold=threshold,
+                                                    costs=model_costs(model))
         return self.cache[key]
+
+
+def model_costs(model: DetrAdapter | None) -> MatcherCosts:
+    """A model's own matcher costs (``matcher_costs``); DETR's defaults for a context built without
+    models (unit tests on hand-made predictions)."""
+    return MatcherCosts() if model is None else matcher_costs(model.config)
 
 
 class DistillMethod(nn.Module):
@@ -72,6 +81,11 @@ class DistillMethod(nn.Module):
 
     def forward(self, ctx: DistillContext) -> dict[str, Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def optim_options(self) -> dict[str, Any]:
+        """How the method's own parameters are optimised, where it differs from the student's:
+        ``lr`` (peak learning rate) and ``warmup`` (False: no warm-up). Default: as the student."""
+        return {}
 
 
 class Distiller(nn.Module):

@@ -1,6 +1,7 @@
 """Group Query Selection (GQS), QSKD Sec. 3.2, and the queries-per-GT statistic of its Table 1.
 
-Per image, with predictions matched to ground truth by the detector's Hungarian matcher:
+Per image, with predictions matched to ground truth by the detector's Hungarian matcher (its own
+cost weights, ``matcher_costs(model.config)``):
 - positives: the matched predictions; each is in the group of its matched GT, and its GIoU
   metric G is its GIoU with that GT (not necessarily its highest GIoU);
 - every unmatched prediction gets G = its highest GIoU over the image's GTs and joins the group of
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor
 
 from detrkd.box_ops import cxcywh_to_xyxy, generalized_box_iou
-from detrkd.matching import CostWeights, hungarian_match, pad_targets
+from detrkd.matching import MatcherCosts, hungarian_match, pad_targets
 from detrkd.models.base import ClassHead
 
 Kind = Literal["positive", "hard_negative", "easy_negative", "selected", "all"]
@@ -93,18 +94,20 @@ def group_query_selection(
     targets: list[dict[str, Tensor]],
     class_head: ClassHead,
     threshold: float = 0.0,
-    weights: CostWeights | tuple[float, float, float] = CostWeights(),
-    focal: bool = True,
+    costs: MatcherCosts = MatcherCosts(),
     matches: list[tuple[Tensor, Tensor]] | None = None,
 ) -> QuerySelection:
     """GQS for a batch in one call (module docstring: the rules).
 
     logits: [B, Q, K]; boxes: [B, Q, 4] normalised cxcywh; targets: B dicts (class_labels [n_b],
-    boxes [n_b, 4]). ``matches``: per-image (pred_idx, gt_idx) if already computed (e.g. by the
-    detection loss), else ``hungarian_match(logits, boxes, targets, class_head, weights, focal)``.
+    boxes [n_b, 4]). costs: the matcher's cost; positives are the detector's own Hungarian
+    matches only with the detector's own costs, ``matcher_costs(model.config)`` (the default is
+    DETR's 1 / 5 / 2 with a focal class cost). ``matches``: per-image (pred_idx, gt_idx) if already
+    computed (e.g. by the detection loss), else ``hungarian_match`` with ``costs``.
     """
     if matches is None:
-        matches = hungarian_match(logits, boxes, targets, class_head, weights, focal)
+        matches = hungarian_match(logits, boxes, targets, class_head, costs.weights, costs.focal,
+                                  alpha=costs.alpha, gamma=costs.gamma)
     device = boxes.device
     _, gt_boxes, valid = pad_targets(targets, device)
     giou_all = generalized_box_iou(cxcywh_to_xyxy(boxes.float()), cxcywh_to_xyxy(gt_boxes))  # [B, Q, T]

@@ -98,8 +98,10 @@ def build_distill_trainer(config: DistillConfig, resume: bool = False, progress:
     extra = distiller.trainable_modules()
     groups = detector_param_groups(student, config.optim)
     for name, module in extra.items():
-        groups += named_param_groups(f"distill/{name}", module.named_parameters(),
-                                     config.optim.lr, config.optim.weight_decay)
+        options = module.optim_options() if isinstance(module, DistillMethod) else {}
+        for group in named_param_groups(f"distill/{name}", module.named_parameters(),
+                                        options.get("lr", config.optim.lr), config.optim.weight_decay):
+            groups.append({**group, "warmup": bool(options.get("warmup", True))})
     evaluate_fn = make_eval_fn(config, data["val"], progress) if len(data["val"]) else None
     return Trainer(student, distiller, groups, data["train"], collate, config,
                    evaluate_fn=evaluate_fn, extra_modules=extra, progress=progress)
