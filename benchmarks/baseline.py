@@ -21,8 +21,8 @@ from typing import Any
 
 import yaml
 
-from detrkd.bench.runs import (STATS, detrkd_cmd, ensure_trained, evaluate_run, git_sha, hardware, run,
-                               train_minutes)
+from detrkd.bench.runs import STATS, detrkd_cmd, ensure_trained, evaluate_run, run, train_minutes
+from detrkd.provenance import git_sha, hardware
 
 
 def role_row(run_dir: Path, stats: dict[str, Any]) -> dict[str, Any]:

@@ -6,7 +6,8 @@ configs, every other row is a ``detrkd distill`` run of the student config with 
 mapping. A *suite* is a list of rows written to one result file:
 
     all              every method at its paper defaults          -> accuracy.json
-    qskd             QSKD and its AGFD-only / LAPD-only ablation  -> qskd.json
+    qskd             QSKD, its AGFD-only / LAPD-only ablation and  -> qskd.json
+                     the AGFD mask rows of its Table 5
     kd_detr          KD-DETR points and rebalance ablation, and   -> kd_detr.json
                      mean-normalised terms (normalise: mean)
     active_sampling  active sampling, its temperature sweep and  -> active_sampling.json
@@ -58,6 +59,9 @@ ROWS: dict[str, Row] = {
     "qskd": Row(QSKD),
     "agfd_only": Row(QSKD, ('methods={"agfd": {"weight": 50.0}}',)),
     "lapd_only": Row(QSKD, ('methods={"lapd": {"weight": 1.0}}',)),
+    # QSKD Table 5 (AGFD alone): no mask (plain BN feature MSE), positives only, easy negatives only
+    **{f"agfd_{mask}": Row(QSKD, (f'methods={{"agfd": {{"weight": 50.0, "mask": "{mask}"}}}}',))
+       for mask in ("none", "positives", "easy_negatives")},
     "kd_detr": Row(KD_DETR),
     "kd_detr_general": Row(KD_DETR, ("methods.kd_detr.points=general",)),
     "kd_detr_specific": Row(KD_DETR, ("methods.kd_detr.points=specific",)),
@@ -73,7 +77,7 @@ ROWS: dict[str, Row] = {
 
 SUITES: dict[str, tuple[str, ...]] = {
     "all": ("qskd", "kd_detr", "active_sampling", "global_alignment", "fitnet"),
-    "qskd": ("qskd", "agfd_only", "lapd_only"),
+    "qskd": ("qskd", "agfd_only", "lapd_only", "agfd_none", "agfd_positives", "agfd_easy_negatives"),
     "kd_detr": ("kd_detr", "kd_detr_general", "kd_detr_specific", "kd_detr_no_rebalance", "kd_detr_mean"),
     "active_sampling": ("active_sampling", "active_sampling_t1", "active_sampling_t2", "active_sampling_t8",
                         "active_sampling_rebalance"),
