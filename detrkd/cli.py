@@ -12,8 +12,8 @@
                 [--out stats.json]   |   ... --image-id ID | --image IMG  --figure OUT.png [--gt-index K]
 
 User errors (missing files, bad configs, bad checkpoints) print one ``detrkd: error: ...`` line and
-exit with status 2; ``--debug`` shows the traceback instead. A training run stopped by SIGTERM
-writes ``last.pt`` and exits with status 143 (resume it with ``--resume``).
+exit with status 2; ``--debug`` shows the traceback instead. A training run stopped by SIGTERM or
+Ctrl-C (SIGINT) writes ``last.pt``, prints the ``--resume`` command and exits with status 143 / 130.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -226,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingInterrupted as exc:
         if _is_main_process():
             print(f"detrkd: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_TERMINATED
+        return EXIT_INTERRUPTED if exc.signum == signal.SIGINT else EXIT_TERMINATED
     except KeyboardInterrupt:
         if debug:
             raise

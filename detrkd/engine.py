@@ -55,9 +55,10 @@ from tqdm.auto import tqdm
 from detrkd.checkpoint import (BEST, LAST, load_checkpoint, load_model_entries, model_entries,
                                rng_state, save_checkpoint, set_rng_state)
 from detrkd.config import OptimConfig, TrainConfig, config_to_dict, dump_config
-from detrkd.distributed import (all_gather, any_flags, barrier, check_no_accelerate_state, detection_loss,
+from detrkd.distributed import (all_gather, any_flags, barrier, broadcast_from_main, check_no_accelerate_state, detection_loss,
                                 init_distributed, local_device, mean_values, shard, world)
-from detrkd.provenance import PROVENANCE_FILE, append_run_record
+from detrkd.provenance import PROVENANCE_FILE, append_run_record, resume_command
+from detrkd.runlock import RunLock, RunLocked
 
 log = logging.getLogger("detrkd")
 
@@ -79,7 +80,12 @@ class NonFiniteLossError(TrainingError):
 
 
 class TrainingInterrupted(Exception):
-    """Training stopped on SIGTERM after writing ``last.pt``; ``--resume`` continues it."""
+    """Training stopped on SIGTERM or SIGINT after writing ``last.pt``; ``--resume`` continues it.
+    ``signum``: the signal (None when another process of a data-parallel run received it)."""
+
+    def __init__(self, message: str, signum: int | None = None):
+        super().__init__(message)
+        self.signum = signum
 
 
 # ---- runtime ------------------------------------------------------------------------------
@@ -258,6 +264,25 @@ def truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+# config keys (or sections) a resumed run cannot change: the run would silently mix two
+# experiments (data order and RNG follow the seed, the weights the model and teacher)
+FIXED_ON_RESUME = ("seed", "teacher", "model.family", "model.preset", "model.backbone", "model.num_queries",
+                   "data.batch_size")
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, list[Any]]:
+    """Flattened ``{"section.key": [old, new]}`` of the values that differ between two config dicts
+    (a method's options count as one value per option)."""
+    changes: dict[str, list[Any]] = {}
+    for key in sorted(set(old) | set(new), key=str):
+        a, b, name = old.get(key), new.get(key), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes.update(config_changes(a, b, name + "."))
+        elif a != b:
+            changes[name] = [a, b]
+    return changes
+
+
 def check_run_dir(run_dir: Path, resume: bool) -> None:
     """Raise ``TrainingError`` if ``run_dir`` holds a run and ``resume`` is False, or vice versa."""
     last = Path(run_dir) / LAST
@@ -378,12 +403,32 @@ class Trainer:
         ``resume=True`` continues from ``last.pt`` exactly where it stopped. SIGTERM (e.g. from a
         cluster scheduler) ends the current step, writes ``last.pt`` and raises ``TrainingInterrupted``.
         """
-        self.prepare_run_dir(resume)
-        if resume:
-            self.resume_from(self.run_dir / LAST)
-        self._train_mode()
-        with self._sigterm_stops():
-            return self._fit()
+        check_run_dir(self.run_dir, resume)
+        with self._run_lock():
+            changes = self.resume_from(self.run_dir / LAST) if resume else {}
+            self.prepare_run_dir(resume, changes)  # only once the resume is known to be valid
+            self._train_mode()
+            with self._signals_stop():
+                return self._fit()
+
+    @contextlib.contextmanager
+    def _run_lock(self) -> Iterator[None]:
+        """Hold the run directory's lock (rank 0) for the whole run; every rank raises the same
+        ``TrainingError`` when another process holds it."""
+        lock, refusal = RunLock(self.run_dir), ""
+        if self.world.is_main:
+            try:
+                lock.acquire()
+            except RunLocked as exc:
+                refusal = str(exc)
+        if self.world.distributed:
+            refusal = broadcast_from_main(refusal)
+        if refusal:
+            raise TrainingError(refusal)
+        try:
+            yield
+        finally:
+            lock.release()
 
     def _fit(self) -> dict[str, Any]:
         while self.pos.epoch < self.config.optim.epochs:
@@ -431,10 +476,21 @@ class Trainer:
         barrier()
         return path
 
-    def resume_from(self, path: Path) -> None:
-        """Restore model, extra modules, optimizer, scheduler, position and RNG from ``path``."""
+    def resume_from(self, path: Path) -> dict[str, list[Any]]:
+        """Restore model, extra modules, optimizer, scheduler, position and RNG from ``path``;
+        writes nothing. Returns the config keys changed since the checkpoint ({key: [old, new]}),
+        every one of them applied: keys a resumed run cannot change (``FIXED_ON_RESUME``) are
+        refused, and the learning rates / weight decay, which the restored optimizer would
+        otherwise keep, are set from the config (``_apply_optim_config``)."""
         state = load_checkpoint(path, map_location=self.device)
         self._check_resumable(state, path)
+        changes = config_changes(state.get("config") or {}, config_to_dict(self.config))
+        fixed = {k: v for k, v in changes.items() if k.split(".")[0] in FIXED_ON_RESUME or k in FIXED_ON_RESUME}
+        if fixed:
+            said = ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in fixed.items())
+            raise TrainingError(f"cannot resume from {path} with a changed {said}: a resumed run keeps "
+                                f"these; start a new run in another output directory to change them")
+        fresh = [(group["initial_lr"], group["weight_decay"]) for group in self.optimizer.param_groups]
         try:
             load_model_entries(self.model, state)
             for name, module in self.extra_modules.items():
@@ -445,14 +501,26 @@ class Trainer:
             raise TrainingError(f"cannot resume from {path}: its state does not fit the configured "
                                 f"model / optimizer (did the model config change?): {first}") from exc
         self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_optim_config(fresh)
         fields = Position.__dataclass_fields__
         self.pos = Position(**{k: state[k] for k in fields if k in state})
         self._window = _Window(**state.get("log_window", {}))
         self._restore_rng(state, path)
         if self.world.is_main:
-            truncate_metrics(self.metrics_path, self.pos.global_step)
-            log.info("resumed from %s at epoch %d, batch %d (step %d)", path, self.pos.epoch + 1,
-                     self.pos.batch_in_epoch, self.pos.global_step)
+            log.info("resumed from %s at epoch %d, batch %d (step %d)%s", path, self.pos.epoch + 1,
+                     self.pos.batch_in_epoch, self.pos.global_step,
+                     "; changed: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+                     if changes else "")
+        return changes
+
+    def _apply_optim_config(self, fresh: list[tuple[float, float]]) -> None:
+        """After a restore: each group's peak lr and weight decay from the config (the restored
+        optimizer and scheduler hold the old ones), the current lr at the restored schedule step."""
+        sched = self.scheduler
+        for i, (group, (peak, decay)) in enumerate(zip(self.optimizer.param_groups, fresh)):
+            group["initial_lr"], group["weight_decay"] = peak, decay
+            sched.base_lrs[i] = peak
+            group["lr"] = peak * sched.lr_lambdas[i](sched.last_epoch)
 
     def _restore_rng(self, state: dict[str, Any], path: Path) -> None:
         """This rank's RNG state; after a change in the number of processes the data order is
@@ -482,9 +550,10 @@ class Trainer:
                     if isinstance(child, nn.modules.batchnorm._BatchNorm):
                         child.eval()
 
-    def prepare_run_dir(self, resume: bool) -> None:
-        """Create the run dir, write ``config.yaml`` and append to ``provenance.jsonl`` (rank 0);
-        refuse to start over an existing run or to resume a missing one."""
+    def prepare_run_dir(self, resume: bool, changes: dict[str, list[Any]] | None = None) -> None:
+        """Create the run dir, write ``config.yaml``, append to ``provenance.jsonl`` (with the
+        config keys a resume changed) and, on resume, drop ``metrics.jsonl`` lines past the
+        restored step (rank 0); refuse to start over an existing run or to resume a missing one."""
         check_run_dir(self.run_dir, resume)
         barrier()  # every rank has checked before rank 0 writes anything
         if self.world.is_main:
@@ -492,8 +561,10 @@ class Trainer:
             if not resume:
                 for stale in (self.metrics_path, self.run_dir / PROVENANCE_FILE):
                     stale.unlink(missing_ok=True)
+            else:
+                truncate_metrics(self.metrics_path, self.pos.global_step)
             dump_config(self.config, self.run_dir / CONFIG_FILE)
-            append_run_record(self.run_dir, resume, self.world.size)
+            append_run_record(self.run_dir, resume, self.world.size, changes)
         barrier()
 
     def _check_resumable(self, state: dict[str, Any], path: Path) -> None:
@@ -508,20 +579,25 @@ class Trainer:
             raise TrainingError(f"cannot resume from {path}: it has no weights for {missing}")
 
     @contextlib.contextmanager
-    def _sigterm_stops(self) -> Iterator[None]:
-        """While training, SIGTERM asks for a clean stop after the current step (main thread only)."""
+    def _signals_stop(self) -> Iterator[None]:
+        """While training, SIGTERM and SIGINT (Ctrl-C) ask for a clean stop after the current step:
+        ``last.pt`` is written and ``TrainingInterrupted`` raised (main thread only). A second
+        Ctrl-C while that step finishes stops at once, as Python's default does."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
 
         def handler(signum: int, frame: Any) -> None:
+            if signum == signal.SIGINT and self._signal == signal.SIGINT:
+                raise KeyboardInterrupt
             self._signal = signum
 
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             yield
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, old in previous.items():
+                signal.signal(sig, old)
 
     # ---- one epoch ---------------------------------------------------------------------
     def _run_epoch(self) -> None:
@@ -544,10 +620,11 @@ class Trainer:
 
     def _interrupt(self) -> None:
         self.save(LAST)
+        name = signal.Signals(self._signal).name if self._signal else "a signal on another process"
         raise TrainingInterrupted(
-            f"stopped by signal {self._signal or 'on another process'} at step {self.pos.global_step} "
-            f"(epoch {self.pos.epoch + 1}, batch {self.pos.batch_in_epoch}); {self.run_dir / LAST} "
-            f"is written, continue with --resume")
+            f"stopped by {name} at step {self.pos.global_step} (epoch {self.pos.epoch + 1}, batch "
+            f"{self.pos.batch_in_epoch}); {self.run_dir / LAST} is written; continue with: {resume_command()}",
+            signum=self._signal)
 
     def _reached_max_steps(self) -> bool:
         max_steps = self.config.optim.max_steps

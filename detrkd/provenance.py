@@ -67,10 +67,22 @@ def run_record(resume: bool, world_size: int = 1) -> dict[str, Any]:
             "world_size": world_size, "hardware": hardware(), "argv": sys.argv}
 
 
-def append_run_record(run_dir: Path, resume: bool, world_size: int = 1) -> None:
-    """Append ``run_record`` to ``run_dir/provenance.jsonl``."""
+def append_run_record(run_dir: Path, resume: bool, world_size: int = 1,
+                      changed: dict[str, list[Any]] | None = None) -> None:
+    """Append ``run_record`` to ``run_dir/provenance.jsonl``; ``changed``: the config keys a resume
+    changed ({key: [old, new]}, applied), recorded when there are any."""
+    record = run_record(resume, world_size)
+    if changed:
+        record["changed"] = changed
     with open(run_dir / PROVENANCE_FILE, "a") as f:
-        f.write(json.dumps(run_record(resume, world_size)) + "\n")
+        f.write(json.dumps(record, default=str) + "\n")
+
+
+def resume_command() -> str:
+    """This process's command line with ``--resume`` (the way to continue an interrupted run)."""
+    argv = [a for a in sys.argv[1:] if a != "--resume"]
+    prog = "detrkd" if Path(sys.argv[0]).name in ("detrkd", "__main__.py") else sys.argv[0]
+    return shlex.join([prog, *argv, "--resume"])
 
 
 def read_records(run_dir: Path) -> list[dict[str, Any]]:

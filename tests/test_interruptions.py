@@ -93,7 +93,7 @@ def test_sigterm_then_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, 
     victim.send_signal(signal.SIGTERM)
     _, err = victim.communicate(timeout=120)
     assert victim.returncode == 143, err
-    assert "continue with --resume" in err and "Traceback" not in err
+    assert "stopped by SIGTERM" in err and "--resume" in err and "Traceback" not in err
     stopped = load_checkpoint(last)
     assert 0 < stopped["global_step"] < TOTAL_STEPS and stopped["batch_in_epoch"] > 0
 
