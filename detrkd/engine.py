@@ -32,6 +32,7 @@ stopping on SIGTERM are agreed by all ranks (one small all-reduce per step); onl
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -55,6 +56,7 @@ from tqdm.auto import tqdm
 from detrkd.checkpoint import (BEST, LAST, load_checkpoint, load_model_entries, model_entries,
                                rng_state, save_checkpoint, set_rng_state)
 from detrkd.config import OptimConfig, TrainConfig, config_to_dict, dump_config
+from detrkd.models.base import NonFinitePredictions
 from detrkd.distributed import (all_gather, any_flags, barrier, broadcast_from_main, check_no_accelerate_state, detection_loss,
                                 init_distributed, local_device, mean_values, shard, world)
 from detrkd.provenance import PROVENANCE_FILE, append_run_record, resume_command
@@ -373,6 +375,7 @@ class Trainer:
         self._window = _Window()
         self._signal: int | None = None  # set by the SIGTERM handler
         self._stop = False  # all ranks agreed to stop after this step
+        self._pending: dict[str, Any] | None = None  # a periodic checkpoint written after the next step
         if self.world.distributed:  # same weights everywhere, different augmentation / dropout draws
             seed_everything(config.seed + 1000 * self.world.rank)
 
@@ -407,6 +410,8 @@ class Trainer:
         with self._run_lock():
             changes = self.resume_from(self.run_dir / LAST) if resume else {}
             self.prepare_run_dir(resume, changes)  # only once the resume is known to be valid
+            if not resume:  # resumable from the first moment, and a state from before any divergence
+                self.save(LAST)
             self._train_mode()
             with self._signals_stop():
                 return self._fit()
@@ -468,7 +473,9 @@ class Trainer:
         }
 
     def save(self, name: str) -> Path:
-        """Atomically write the current state to ``run_dir/name`` (rank 0; the others wait)."""
+        """Atomically write the current state to ``run_dir/name`` (rank 0; the others wait); a
+        pending periodic checkpoint (``_maybe_checkpoint``) is superseded."""
+        self._pending = None
         state = self.state_dict()
         path = self.run_dir / name
         if self.world.is_main:
@@ -634,6 +641,7 @@ class Trainer:
         lr = self._current_lr()
         start = time.perf_counter()
         result = self._train_step(to_device(batch, self.device))
+        self._settle_pending(finite=result is not None)
         self._window.add_time(time.perf_counter() - start + data_seconds, data_seconds)
         with warnings.catch_warnings():  # a skipped first step makes torch warn about the order
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
@@ -653,8 +661,11 @@ class Trainer:
     def _train_step(self, batch: Batch) -> tuple[float, dict[str, float]] | None:
         """Forward, backward, clip, step. None if the step was skipped (non-finite on any rank)."""
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.amp):
-            loss, terms = self.compute_loss(batch)
+        try:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.amp):
+                loss, terms = self.compute_loss(batch)
+        except NonFinitePredictions:  # NaN predictions: the detector's loss would raise on them
+            loss, terms = torch.tensor(math.nan), {"predictions": torch.tensor(math.nan)}
         bad_loss, self._stop = any_flags(not bool(torch.isfinite(loss.detach()).all()), self._signal is not None)
         if bad_loss:
             self._skip("loss", float(loss.detach()), terms)
@@ -709,9 +720,25 @@ class Trainer:
                 **record, "skipped_steps": self.pos.nonfinite_total})
 
     def _maybe_checkpoint(self) -> None:
+        """The periodic ``last.pt``, written one step late: the state of step s is kept in memory
+        and written once step s + 1 is finite, so a diverging update (finite weights, NaN at the
+        next forward) never replaces the last good checkpoint."""
         every = self.config.checkpoint_every_steps
         if every and self.pos.global_step % every == 0:
-            self.save(LAST)
+            self._pending = copy.deepcopy(self.state_dict())
+
+    def _settle_pending(self, finite: bool) -> None:
+        """After a step: write the pending checkpoint if the step was finite, else drop it."""
+        if self._pending is None:
+            return
+        state, self._pending = self._pending, None
+        if finite:
+            if self.world.is_main:
+                save_checkpoint(self.run_dir / LAST, state)
+            barrier()
+        elif self.world.is_main:
+            log.warning("the state of step %d gave non-finite values at the next step: not saved, %s "
+                        "stays as it was", state["global_step"], self.run_dir / LAST)
 
     def _end_epoch(self) -> None:
         """Evaluate if due, move to the next epoch, write ``last.pt`` (and ``best.pt``)."""

@@ -32,6 +32,10 @@ Backend = Literal["auto", "faster_coco_eval", "pycocotools"]
 # ---- post-processing ----------------------------------------------------------------------------
 
 
+
+class NonFiniteDetections(ValueError):
+    """A model produced NaN / inf detections (a diverged model), named instead of COCO's error."""
+
 def _sizes_tensor(sizes: Tensor | Sequence[Sequence[int]], batch: int, device: torch.device) -> Tensor:
     sizes = torch.as_tensor(sizes, dtype=torch.float32, device=device)
     if sizes.shape != (batch, 2):
@@ -161,6 +165,9 @@ class CocoEvaluator:
         labels = res["labels"].detach().cpu().long()
         if labels.numel() and (labels.min() < 0 or labels.max() >= len(self.cat_ids)):
             raise ValueError(f"labels must be in [0, {len(self.cat_ids)}), got {labels.min()}..{labels.max()}")
+        if not (torch.isfinite(res["scores"]).all() and torch.isfinite(res["boxes"]).all()):
+            raise NonFiniteDetections(f"the model's detections on image {image_id} are NaN / inf: its weights or "
+                                      f"BatchNorm statistics have diverged (lower the learning rate)")
         boxes = xyxy_to_xywh(res["boxes"].detach().cpu().double()).tolist()
         scores = res["scores"].detach().cpu().double().tolist()
         return [

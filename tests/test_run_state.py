@@ -106,3 +106,32 @@ def test_ctrl_c_saves_last_pt_and_prints_the_resume_command(tmp_path, digits):
     assert 0 < stopped < TOTAL_STEPS
     assert train("--config", str(config), "--resume") == 0  # and it continues from there to the end
     assert load_checkpoint(last)["global_step"] == TOTAL_STEPS
+
+
+@pytest.mark.parametrize("family", ["rt_detr", "detr"])
+def test_a_diverging_run_is_caught_and_leaves_a_finite_resumable_checkpoint(tmp_path, digits, capsys, family):
+    """lr 1e6: the first update blows the activations up, the next forwards give NaN boxes. The
+    non-finite guard skips those steps (before transformers' loss would raise on NaN boxes), aborts
+    after optim.max_nonfinite_in_row, and last.pt holds finite weights a resume can continue from."""
+    config = write_config(tmp_path, digits, "run")
+    huge = ["--set", f"model.family={family}", "--set", "optim.lr=1e6", "--set", "optim.backbone_lr=1e6",
+            "--set", "checkpoint_every_steps=1", "--set", "optim.max_nonfinite_in_row=3"]
+    assert train("--config", str(config), *huge) == 2
+    err = capsys.readouterr().err
+    assert "non-finite for 3 steps in a row" in err and "Traceback" not in err and "tensor(" not in err
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records and records[-1].get("skipped_steps", 0) >= 1 or "skipped" in err
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert train("--config", str(config), "--resume", *huge[:2], "--set", "optim.lr=1e-4",
+                 "--set", "optim.backbone_lr=1e-4", "--set", "optim.max_steps=" + str(state["global_step"] + 2)) == 0
+
+
+def test_nan_detections_at_evaluation_are_named(tmp_path, digits, capsys):
+    """DETR at lr 1e3: the training losses stay finite, the BatchNorm statistics do not, so the
+    evaluation's detections are NaN: one line saying so, not COCO's 'scores must not be NaN'."""
+    config = write_config(tmp_path, digits, "run")
+    assert train("--config", str(config), "--set", "model.family=detr", "--set", "optim.lr=1e3",
+                 "--set", "optim.backbone_lr=1e3", "--set", "optim.clip_grad=0", "--set", "optim.epochs=1") == 2
+    err = capsys.readouterr().err
+    assert "detections on image" in err and "NaN / inf" in err and "diverged" in err

@@ -231,7 +231,7 @@ class DetrAdapter(nn.Module):
         """
         rec: dict[str, Any] = {}
         hooks = [(self.decoder, "pre", _record_inputs(rec, "decoder")),
-                 (self.decoder, "post", _record_output(rec, "decoder"))]
+                 (self.decoder, "post", _record_output(rec, "decoder", check_finite=labels is not None))]
         if with_attention:
             hooks += self._attention_hooks(rec)
         with forward_hooks(hooks):
@@ -312,13 +312,27 @@ def _record_inputs(rec: dict[str, Any], name: str) -> Callable[..., None]:
     return hook
 
 
-def _record_output(rec: dict[str, Any], name: str) -> Callable[..., None]:
-    """Forward hook that stores a module's output in ``rec[name + '_out']``."""
+class NonFinitePredictions(ValueError):
+    """The decoder's output is NaN / inf (a diverged model): raised before the detector's loss,
+    whose matcher and box checks would fail on it with a tensor dump."""
+
+
+def _record_output(rec: dict[str, Any], name: str, check_finite: bool = False) -> Callable[..., None]:
+    """Forward hook that stores a module's output in ``rec[name + '_out']``; ``check_finite``:
+    raise ``NonFinitePredictions`` if any floating tensor of the output is not finite."""
 
     def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         rec[name + "_out"] = output
+        if check_finite and not _all_finite(output):
+            raise NonFinitePredictions(f"the {name} output is not finite (NaN / inf): the model has diverged")
 
     return hook
+
+
+def _all_finite(output: Any) -> bool:
+    """True if every floating tensor in a (HF ModelOutput / tuple / tensor) output is finite."""
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else [output]
+    return all(bool(torch.isfinite(v).all()) for v in values if isinstance(v, Tensor) and v.is_floating_point())
 
 
 def additive_mask(blocked: Tensor | None, dtype: torch.dtype) -> Tensor | None:
