@@ -445,7 +445,8 @@ def detector_on_split(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
     model, run_config = load_for_inference(args.checkpoint, args.device)
     data = eval_data_config(args, run_config)
     images, ann = data.split_paths(args.split)
-    dataset = CocoDetection(images, ann, transforms_for(model.family, "val", data))
+    dataset = CocoDetection(images, ann, transforms_for(model.family, "val", data),
+                            invalid_boxes=data.invalid_boxes, on_bad_image=data.on_bad_image)
     if dataset.num_classes != model.num_classes:
         raise ValueError(f"the detector has {model.num_classes} classes but {ann} has {dataset.num_classes}")
     return model, dataset, data, ann

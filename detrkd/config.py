@@ -74,8 +74,16 @@ class DataConfig:
     num_workers: int = 0
     # drop training images without any annotation
     skip_empty: bool = False
+    # image files that cannot be decoded (found when the dataset is built): "error" or "skip" them
+    on_bad_image: str = "error"
+    # boxes with no area inside their image: "drop" them (one warning) or "error"
+    invalid_boxes: str = "drop"
 
     def __post_init__(self) -> None:
+        _check(self.on_bad_image in ("error", "skip"),
+               f"data.on_bad_image must be 'error' or 'skip', got {self.on_bad_image!r}")
+        _check(self.invalid_boxes in ("drop", "error"),
+               f"data.invalid_boxes must be 'drop' or 'error', got {self.invalid_boxes!r}")
         _check(self.image_size >= 32, "data.image_size must be >= 32")
         _check(self.batch_size >= 1, "data.batch_size must be >= 1")
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")

@@ -857,8 +857,22 @@ def make_datasets(config: TrainConfig, splits: Sequence[str] = ("train", "val"))
     for split in splits:
         images, ann = config.data.split_paths(split)
         out[split] = CocoDetection(images, ann, transforms_for(config.model.family, split, config.data),
-                                   skip_empty=config.data.skip_empty and split == "train")
+                                   skip_empty=config.data.skip_empty and split == "train",
+                                   invalid_boxes=config.data.invalid_boxes, on_bad_image=config.data.on_bad_image)
+        check_split(out[split], split, ann)
     return out
+
+
+def check_split(dataset: Any, split: str, annotation_file: str) -> None:
+    """A training or evaluation split needs images and at least one annotated object:
+    ``TrainingError`` naming the file otherwise (an empty val split would run with no evaluation,
+    an unannotated one with AP undefined; an unannotated train split has nothing to learn)."""
+    if len(dataset) == 0:
+        raise TrainingError(f"the {split} split {annotation_file} has no images (after skip_empty / "
+                            f"on_bad_image): nothing to {'train on' if split == 'train' else 'evaluate'}")
+    if not any(not a.get("iscrowd", 0) for a in dataset.coco_gt["annotations"]):
+        raise TrainingError(f"the {split} split {annotation_file} has no annotated objects: "
+                            f"{'nothing to learn' if split == 'train' else 'AP is undefined'}")
 
 
 def make_eval_fn(config: TrainConfig, dataset: Any, progress: bool = False) -> EvalFn:
@@ -895,7 +909,7 @@ def build_trainer(config: TrainConfig, resume: bool = False, progress: bool = Tr
     device = setup_runtime(config)
     data = make_datasets(config)
     model = make_detector(config, data["train"].num_classes, data["train"].class_names).to(device)
-    evaluate_fn = make_eval_fn(config, data["val"], progress) if len(data["val"]) else None
+    evaluate_fn = make_eval_fn(config, data["val"], progress)
     return Trainer(model, DetectorLoss(model), detector_param_groups(model, config.optim),
                    data["train"], collate, config, evaluate_fn=evaluate_fn, progress=progress)
 

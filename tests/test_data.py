@@ -216,10 +216,17 @@ def test_size_mismatch_reported_when_loading_item(tmp_path):
         ds[0]
 
 
-def test_corrupt_image_reported_when_loading_item(tmp_path):
+def test_corrupt_image_reported_when_the_dataset_is_built(tmp_path):
     root, ann = write_coco(tmp_path)
     (root / "c.png").write_bytes(b"not a png")
+    with pytest.raises(DatasetError, match=r"1 of 3 image files cannot be decoded .*c\.png \(image id 3\)"):
+        CocoDetection(root, ann)
+
+
+def test_an_image_that_breaks_after_construction_is_still_named_when_loaded(tmp_path):
+    root, ann = write_coco(tmp_path)
     ds = CocoDetection(root, ann)
+    (root / "c.png").write_bytes(b"not a png")
     with pytest.raises(DatasetError, match=r"cannot read image .*c\.png \(image id 3\)"):
         ds[2]
 

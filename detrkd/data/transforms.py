@@ -223,7 +223,9 @@ class ToTensorNormalize:
     @staticmethod
     def _to_float(image: ImageLike) -> Tensor:
         if isinstance(image, Image.Image):
-            array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+            from detrkd.data.coco import to_rgb8  # (coco imports this module)
+
+            array = np.asarray(to_rgb8(image), dtype=np.uint8)
             return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
         if image.dtype == torch.uint8:
             return image.float() / 255.0

@@ -102,7 +102,7 @@ def build_distill_trainer(config: DistillConfig, resume: bool = False, progress:
         for group in named_param_groups(f"distill/{name}", module.named_parameters(),
                                         options.get("lr", config.optim.lr), config.optim.weight_decay):
             groups.append({**group, "warmup": bool(options.get("warmup", True))})
-    evaluate_fn = make_eval_fn(config, data["val"], progress) if len(data["val"]) else None
+    evaluate_fn = make_eval_fn(config, data["val"], progress)
     return Trainer(student, distiller, groups, data["train"], collate, config,
                    evaluate_fn=evaluate_fn, extra_modules=extra, progress=progress)
 
