@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
 import json
 import logging
 import math
@@ -55,7 +56,7 @@ from tqdm.auto import tqdm
 
 from detrkd.checkpoint import (BEST, LAST, load_checkpoint, load_model_entries, model_entries,
                                rng_state, save_checkpoint, set_rng_state)
-from detrkd.config import OptimConfig, TrainConfig, config_to_dict, dump_config
+from detrkd.config import ConfigError, OptimConfig, TrainConfig, config_to_dict, dump_config
 from detrkd.models.base import NonFinitePredictions
 from detrkd.distributed import (all_gather, any_flags, barrier, broadcast_from_main, check_no_accelerate_state, detection_loss,
                                 init_distributed, local_device, mean_values, shard, world)
@@ -901,10 +902,74 @@ def make_eval_fn(config: TrainConfig, dataset: Any, progress: bool = False) -> E
     return evaluate_fn
 
 
+def check_device(name: str) -> None:
+    """``ConfigError`` unless ``name`` is a torch device this machine has (cpu, cuda[:i], mps)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {name!r} is not a device name (use cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device {name!r}: this machine has no usable CUDA device; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"device {name!r}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {name!r}: MPS is not available on this machine; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {name!r}: detrkd runs on cpu, cuda or mps")
+
+
+def check_model_config(model: Any) -> None:
+    """``ConfigError`` for a ``model`` section that cannot build: unknown family / preset /
+    backbone, a query count < 1, ``overrides`` keys the family's HF config does not have (with a
+    "did you mean") or values it rejects, ``overrides`` with ``pretrained`` (they would be ignored).
+    Builds the HF config only (no weights)."""
+    from detrkd.models import adapter_class, preset_size
+
+    if model.num_queries is not None and model.num_queries < 1:
+        raise ConfigError(f"model.num_queries must be >= 1 (or null: the preset's), got {model.num_queries}")
+    try:
+        cls, size = adapter_class(model.family), preset_size(model.preset, model.backbone)
+    except ValueError as exc:
+        raise ConfigError(f"model: {exc}") from None
+    if model.pretrained:
+        if model.overrides:
+            raise ConfigError(f"model.overrides {sorted(model.overrides)} would be ignored with model.pretrained "
+                              f"(the checkpoint's config is used): remove them")
+        return
+    known = set(cls._config_class()().to_dict())
+    for key in model.overrides:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"model.overrides: {key!r} is not a {cls.hf_classes[0]} key{hint}")
+    overrides = dict(model.overrides)
+    if model.num_queries is not None:
+        if "num_queries" in overrides:
+            raise ConfigError("num_queries is given twice (model.num_queries and model.overrides.num_queries): "
+                              "keep one")
+        overrides["num_queries"] = model.num_queries
+    try:
+        cls.make_config(size, 1, **overrides)
+    except Exception as exc:  # HF configs raise TypeError, ValueError or huggingface_hub's validation errors
+        said = " ".join(str(exc).split()) or type(exc).__name__
+        raise ConfigError(f"model.overrides {overrides}: {said}") from None
+    if overrides.get("num_queries", size.queries) < 1:
+        raise ConfigError(f"model.overrides: num_queries must be >= 1, got {overrides['num_queries']}")
+
+
+def check_run_config(config: TrainConfig) -> None:
+    """What can be checked before any data or weights are loaded (``ConfigError``)."""
+    check_device(config.device)
+    check_model_config(config.model)
+
+
 def build_trainer(config: TrainConfig, resume: bool = False, progress: bool = True) -> Trainer:
     """The ``Trainer`` of plain training of one detector as configured (process group joined)."""
     from detrkd.data.collate import collate
 
+    check_run_config(config)
     check_run_dir(Path(config.output_dir), resume)
     device = setup_runtime(config)
     data = make_datasets(config)

@@ -82,9 +82,10 @@ def build_distill_trainer(config: DistillConfig, resume: bool = False, progress:
     from pathlib import Path
 
     from ..data.collate import collate
-    from ..engine import (Trainer, check_run_dir, detector_param_groups, make_datasets, make_detector,
-                          make_eval_fn, named_param_groups, setup_runtime)
+    from ..engine import (Trainer, check_run_config, check_run_dir, detector_param_groups, make_datasets,
+                          make_detector, make_eval_fn, named_param_groups, setup_runtime)
 
+    check_run_config(config)
     check_run_dir(Path(config.output_dir), resume)
     device = setup_runtime(config)
     data = make_datasets(config)
