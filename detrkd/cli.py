@@ -24,6 +24,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -250,7 +251,14 @@ def _is_main_process() -> bool:
 
 
 def _setup_logging(debug: bool) -> None:
-    """``detrkd`` log messages (warnings, resume notes, eval results) go to stderr."""
+    """``detrkd`` log messages (warnings, resume notes, eval results) go to stderr; Python
+    warnings are one line each; transformers' and the Hub's progress bars stay quiet unless
+    ``--debug``."""
+    if not debug:
+        warnings.showwarning = _one_line_warning
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers is imported
+        if "transformers" in sys.modules:  # already imported (detrkd used as a library, tests)
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
     logger = logging.getLogger("detrkd")
     # in a data-parallel job only rank 0 reports progress; the others still report problems
     logger.setLevel(logging.DEBUG if debug else logging.INFO if _is_main_process() else logging.WARNING)
@@ -266,6 +274,13 @@ class _StderrHandler(logging.StreamHandler):
     def emit(self, record: logging.LogRecord) -> None:
         self.stream = sys.stderr
         super().emit(record)
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: Any = None, line: str | None = None) -> None:
+    """``warnings.showwarning`` for the CLI: 'detrkd: warning: MESSAGE' on one line, no source echo
+    (``--debug`` keeps Python's own format)."""
+    print(f"detrkd: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -313,7 +328,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         return
     best = summary["best_metric"]
     status = "stopped at optim.max_steps" if summary["stopped_early"] else "done"
-    print(f"{status}: {summary['global_step']} steps, epoch {summary['epoch']}, "
+    print(f"{status}: {summary['global_step']} steps, epoch {summary['last_epoch']}, "
           f"best AP {'n/a' if best is None else f'{best:.4f}'} -> {summary['run_dir']}")
 
 

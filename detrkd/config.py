@@ -279,7 +279,7 @@ def from_dict(schema: type[T], data: Any, prefix: str = "") -> T:
         raise ConfigError(f"{where}: expected a mapping, got {_show(data)}")
     fields = {f.name: f for f in dataclasses.fields(schema) if f.init}  # type: ignore[arg-type]
     hints = typing.get_type_hints(schema)
-    _reject_unknown(data, list(fields), prefix)
+    _reject_unknown(data, list(fields), prefix, dotted_keys(schema) if not prefix else None)
     kwargs = {}
     for name, fld in fields.items():
         key = prefix + name
@@ -293,13 +293,45 @@ def from_dict(schema: type[T], data: Any, prefix: str = "") -> T:
     return schema(**kwargs)
 
 
-def _reject_unknown(data: Mapping[str, Any], valid: list[str], prefix: str) -> None:
+def _reject_misplaced(data: Mapping[str, Any], everywhere: list[str], prefix: str) -> None:
+    """Walk the sections of ``data``: a key that exists only in another section is an error that
+    names the right place (``warmup_steps`` -> ``optim.warmup_steps``)."""
+    sections = {k[len(prefix):].split(".")[0] for k in everywhere if k.startswith(prefix) and "." in k[len(prefix):]}
+    here = {k[len(prefix):] for k in everywhere if k.startswith(prefix)}
+    for key, value in data.items():
+        if str(key) in sections and isinstance(value, Mapping):
+            _reject_misplaced(value, everywhere, f"{prefix}{key}.")
+        elif str(key) not in here and str(key) not in sections:
+            places = [k for k in everywhere if k.rsplit(".", 1)[-1] == str(key)]
+            if places:
+                where = f"in {prefix.rstrip('.')!r}" if prefix else "at the top level"
+                raise ConfigError(f"unknown config key {prefix}{key!s} {where}; did you mean {places[0]!r}?")
+
+
+def dotted_keys(schema: type, prefix: str = "") -> list[str]:
+    """Every key of a config schema, dotted (``optim.warmup_steps``), sections recursed into."""
+    hints = typing.get_type_hints(schema)
+    keys = []
+    for fld in dataclasses.fields(schema):  # type: ignore[arg-type]
+        if dataclasses.is_dataclass(hints[fld.name]):
+            keys += dotted_keys(hints[fld.name], f"{prefix}{fld.name}.")
+        else:
+            keys.append(prefix + fld.name)
+    return keys
+
+
+def _reject_unknown(data: Mapping[str, Any], valid: list[str], prefix: str, everywhere: list[str] | None = None) -> None:
+    """``ConfigError`` for the first key of ``data`` not in ``valid``, with a "did you mean": a key of
+    that name in another section (``everywhere``: all dotted keys, given at the top level, where a
+    section's keys are checked before the section is read), else the closest key at this level."""
+    if everywhere is not None:
+        _reject_misplaced(data, everywhere, "")
     for key in data:
         if key in valid:
             continue
         full = f"{prefix}{key}"
-        close = difflib.get_close_matches(str(key), valid, n=1)
-        hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
+        suggestion = [prefix + c for c in difflib.get_close_matches(str(key), valid, n=1)]
+        hint = f"; did you mean {suggestion[0]!r}?" if suggestion else ""
         level = f"in {prefix.rstrip('.')!r}" if prefix else "at the top level"
         raise ConfigError(f"unknown config key {full!r}{hint} (valid keys {level}: {', '.join(valid)})")
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import difflib
 import json
 import logging
@@ -449,9 +450,11 @@ class Trainer:
         return self.summary()
 
     def summary(self, stopped: bool = False) -> dict[str, Any]:
-        """Position, best metric and the last evaluation."""
-        return {**asdict(self.pos), "stopped_early": stopped, "last_eval": self.last_eval,
-                "run_dir": str(self.run_dir)}
+        """Position, best metric and the last evaluation; ``last_epoch``: the 1-based epoch of the
+        last step (``metrics.jsonl``'s numbering)."""
+        last_epoch = self.pos.epoch + (1 if self.pos.batch_in_epoch else 0)
+        return {**asdict(self.pos), "last_epoch": last_epoch, "stopped_early": stopped,
+                "last_eval": self.last_eval, "run_dir": str(self.run_dir)}
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a checkpoint holds (see ``detrkd.checkpoint``); a collective in a
@@ -719,6 +722,22 @@ class Trainer:
             append_metrics(self.metrics_path, {
                 "type": "train", "step": self.pos.global_step, "epoch": self.pos.epoch + 1, "lr": lr,
                 **record, "skipped_steps": self.pos.nonfinite_total})
+            if not self.progress:  # no bar (stderr is not a terminal, or --no-progress): one line instead
+                log.info("%s", self._progress_line(lr, record))
+
+    def _progress_line(self, lr: float, record: dict[str, float]) -> str:
+        """'step 250/3000 (epoch 1/12): loss 12.3456, lr 2.00e-04, 5.3 img/s, ETA 1:02:03'."""
+        total = self.config.optim.epochs * self.steps_per_epoch
+        if self.config.optim.max_steps is not None:
+            total = min(total, self.config.optim.max_steps)
+        sec = record.get("sec_per_step", math.nan)
+        eta = (total - self.pos.global_step) * sec
+        eta_text = "n/a" if not math.isfinite(eta) else str(datetime.timedelta(seconds=round(eta)))
+        if eta_text.startswith("0:"):
+            eta_text = eta_text[2:]
+        loss = record.get("loss", math.nan)
+        return (f"step {self.pos.global_step}/{total} (epoch {self.pos.epoch + 1}/{self.config.optim.epochs}): "
+                f"loss {loss:.4f}, lr {lr:.2e}, {self.config.data.batch_size / sec:.1f} img/s, ETA {eta_text}")
 
     def _maybe_checkpoint(self) -> None:
         """The periodic ``last.pt``, written one step late: the state of step s is kept in memory
@@ -784,9 +803,21 @@ class Trainer:
         if self.world.is_main:
             append_metrics(self.metrics_path, {"type": "eval", "step": self.pos.global_step,
                                                "epoch": self.pos.epoch + 1, **self.last_eval})
-            log.info("epoch %d eval: %s", self.pos.epoch + 1,
-                     ", ".join(f"{k}={v:.4f}" for k, v in self.last_eval.items()))
+            log.info("epoch %d eval: %s", self.pos.epoch + 1, stats_line(self.last_eval))
         return self.last_eval
+
+
+def stats_line(stats: dict[str, float]) -> str:
+    """'ap=0.4912, ..., apl=n/a, images_per_sec=12.3, num_images=200': COCO's -1 (no GT of that
+    size) as n/a, counts as integers."""
+    def shown(key: str, value: float) -> str:
+        if key.startswith("num_"):
+            return str(int(value))
+        if key.endswith("_per_sec"):
+            return f"{value:.1f}"
+        return "n/a" if value < 0 else f"{value:.4f}"
+
+    return ", ".join(f"{k}={shown(k, v)}" for k, v in stats.items())
 
 
 def ddp_ignored_names(module: nn.Module) -> list[str]:
