@@ -540,80 +540,35 @@ def cmd_analyze_gqs(args: argparse.Namespace) -> int:
 
 # ---- predict --------------------------------------------------------------------------------
 def cmd_predict(args: argparse.Namespace) -> int:
-    """``detrkd predict``."""
+    """``detrkd predict``: a header and one tab-separated line per detection on stdout, and
+    ``--out`` in the format its suffix names (an image with the boxes drawn, or .json)."""
     from PIL import Image
 
-    model, run_config = load_for_inference(args.checkpoint, args.device)
+    from detrkd.data.coco import to_rgb8
+    from detrkd.inference import HEADER, class_names, draw_detections, output_format, predict_image
+
+    fmt = output_format(args.out)  # before any work: an unknown suffix is refused up front
     if not args.image.is_file():
         raise FileNotFoundError(f"image not found: {args.image}")
+    model, run_config = load_for_inference(args.checkpoint, args.device)
     with Image.open(args.image) as im:
-        image = im.convert("RGB")
+        image = to_rgb8(im)
     detections = predict_image(model, image, _image_size(args.image_size, run_config), args.device,
                                args.threshold)
     names = class_names(model)
-    draw_detections(image, detections, names).save(args.out, format="PNG")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "json":
+        named = [{**det, "name": names(det["label"])} for det in detections]
+        args.out.write_text(json.dumps({"image": str(args.image), "checkpoint": str(args.checkpoint),
+                                        "threshold": args.threshold, "detections": named}, indent=2) + "\n")
+    else:
+        draw_detections(image, detections, names).save(args.out, format=fmt)
+    print("\t".join(HEADER))
     for det in detections:
-        box = " ".join(f"{v:.1f}" for v in det["box"])
+        box = "\t".join(f"{v:.1f}" for v in det["box"])
         print(f"{names(det['label'])}\t{det['score']:.3f}\t{box}")
     print(f"{len(detections)} detections with score >= {args.threshold} -> {args.out}")
     return 0
-
-
-def predict_image(model: Any, image: Any, image_size: int, device: str, threshold: float) -> list[dict[str, Any]]:
-    """Detections ``{"label", "score", "box" (xyxy px of ``image``)}`` with score >= threshold."""
-    import torch
-
-    from detrkd.data.collate import collate
-    from detrkd.data.transforms import make_transforms
-    from detrkd.evaluation import postprocess
-
-    transforms = make_transforms("val", image_size, square=not model.uses_pixel_mask)
-    hw = torch.tensor([image.height, image.width])
-    target = {"boxes": torch.zeros(0, 4), "class_labels": torch.zeros(0, dtype=torch.long),
-              "image_id": 0, "orig_size": hw, "size": hw.clone()}
-    batch = collate([transforms(image, target)])
-    with torch.no_grad():
-        out = model(batch["pixel_values"].to(device), batch["pixel_mask"].to(device))
-        result = postprocess(out.predictions.logits[-1], out.predictions.boxes[-1], hw[None].to(device),
-                             out.class_head)[0]
-    keep = result["scores"] >= threshold
-    return [{"label": int(label), "score": float(score), "box": [float(v) for v in box]}
-            for label, score, box in zip(result["labels"][keep], result["scores"][keep], result["boxes"][keep])]
-
-
-def class_names(model: Any) -> Any:
-    """``label -> name`` from the HF config's ``id2label`` (falls back to the label number)."""
-    id2label = {int(k): str(v) for k, v in (getattr(model.config, "id2label", None) or {}).items()}
-
-    def name(label: int) -> str:
-        found = id2label.get(label)
-        return str(label) if found is None or found == f"LABEL_{label}" else found
-
-    return name
-
-
-_PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-            (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 190))
-
-
-def draw_detections(image: Any, detections: list[dict[str, Any]], names: Any) -> Any:
-    """A copy of the PIL ``image`` with a box and "name score" per detection."""
-    from PIL import ImageDraw, ImageFont
-
-    canvas = image.copy()
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
-    width = max(1, round(min(canvas.size) / 200))
-    for det in sorted(detections, key=lambda d: d["score"]):
-        colour = _PALETTE[det["label"] % len(_PALETTE)]
-        x0, y0, x1, y1 = det["box"]
-        draw.rectangle((x0, y0, x1, y1), outline=colour, width=width)
-        text = f"{names(det['label'])} {det['score']:.2f}"
-        left, top, right, bottom = draw.textbbox((x0, y0), text, font=font)
-        shift = bottom - top + 2 if y0 - (bottom - top + 2) >= 0 else 0
-        draw.rectangle((left, top - shift, right + 2, bottom - shift + 1), fill=colour)
-        draw.text((x0 + 1, y0 - shift), text, fill=(0, 0, 0), font=font)
-    return canvas
 
 
 if __name__ == "__main__":
