@@ -88,6 +88,7 @@ def test_eval_truncated_checkpoint(capsys, tmp_path):
 
 
 def test_predict_rejects_a_dir_without_config(capsys, tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     code, _, err = run_main(capsys, "predict", "--checkpoint", tmp_path, "--image", tmp_path / "a.png",
                             "--out", tmp_path / "b.png")
     assert_one_line_error(code, err, "config.json")
