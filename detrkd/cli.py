@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub, common)
     _add_eval(sub, common)
     _add_predict(sub, common)
+    _add_export(sub, common)
     _add_distill(sub, common)
     _add_analyze(sub, common)
     _add_bench(sub, common)
@@ -141,6 +142,27 @@ def _add_predict(sub: Any, common: argparse.ArgumentParser) -> None:
     pr.add_argument("--image-size", type=int, help="shorter side fed to the model (default: checkpoint's, else 256)")
     pr.add_argument("--device", default="cpu", help="device (default cpu)")
     pr.set_defaults(func=cmd_predict)
+
+
+def _add_export(sub: Any, common: argparse.ArgumentParser) -> None:
+    ex = sub.add_parser("export", parents=[common], help="a run or checkpoint -> a transformers from_pretrained dir",
+                        description="Write a detrkd run's detector (its best.pt, else last.pt) or a "
+                                    "checkpoint as a directory transformers' from_pretrained loads, with "
+                                    "detrkd_export.json naming where the weights came from.")
+    ex.add_argument("--checkpoint", required=True, type=Path, help="a run directory or a detrkd .pt")
+    ex.add_argument("--out", required=True, type=Path, help="the directory to write (must not exist or be empty)")
+    ex.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                    help="weight dtype (default float32; detrkd loads any of them as float32)")
+    ex.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """``detrkd export``."""
+    from detrkd.export import export_checkpoint
+
+    record = export_checkpoint(args.checkpoint, args.out, args.dtype)
+    print(f"exported {record['source']} (step {record['global_step']}, {record['family']}, {args.dtype}) -> {args.out}")
+    return 0
 
 
 def _add_analyze(sub: Any, common: argparse.ArgumentParser) -> None:

@@ -117,10 +117,12 @@ def _load_pretrained_dir(path: Path) -> DetrAdapter:
         cls = adapter_class(family_of_model_type(model_type))
     except ValueError as exc:
         raise ValueError(f"{config_file}: {exc}") from exc
+    import torch
     from transformers import AutoModelForObjectDetection
 
-    # the attention implementation is not saved in config.json; eager is the one that returns maps
-    model = AutoModelForObjectDetection.from_pretrained(path, attn_implementation="eager")
+    # the attention implementation is not saved in config.json; eager is the one that returns maps.
+    # float32 whatever the saved dtype: detrkd trains and distils in float32 (amp is autocast)
+    model = AutoModelForObjectDetection.from_pretrained(path, attn_implementation="eager", dtype=torch.float32)
     for param in model.parameters():  # HF freezes parts of some backbones; detrkd trains all
         param.requires_grad_(True)
     return cls(model)

@@ -1,0 +1,69 @@
+"""``detrkd export``: a run directory or checkpoint -> a transformers ``from_pretrained`` directory.
+
+The directory holds what ``save_pretrained`` writes (``config.json`` with ``id2label``, weights as
+safetensors) and ``detrkd_export.json``: where the weights came from (checkpoint, step, the run's
+config and its ``provenance.jsonl`` records: commit, versions, command lines). detrkd loads it as a
+teacher, a student's ``model.pretrained`` or a ``--checkpoint``; transformers loads it alone.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from detrkd.checkpoint import BEST, LAST, CheckpointError, load_checkpoint, load_model_entries
+from detrkd.provenance import git_sha, read_records
+
+EXPORT_INFO = "detrkd_export.json"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A run directory's ``best.pt`` (else ``last.pt``), or ``path`` itself when it is a file."""
+    if path.is_dir():
+        for name in (BEST, LAST):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"{path} is a directory without {BEST} or {LAST}: not a detrkd run directory")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    return path
+
+
+def export_checkpoint(source: Path, out: Path, dtype: str = "float32") -> dict[str, Any]:
+    """Write ``source`` (run dir or .pt) as a ``from_pretrained`` directory ``out`` (created; it
+    must not hold files yet), weights in ``dtype``; atomic: written beside and renamed. Returns
+    the ``detrkd_export.json`` record."""
+    from detrkd.models import detector_from_state
+
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} already exists and is not empty: choose another --out")
+    checkpoint = resolve_checkpoint(Path(source))
+    state = load_checkpoint(checkpoint)
+    if state.get("family") is None or state.get("hf_config") is None:
+        raise CheckpointError(f"{checkpoint} holds no detector (no family / hf_config)")
+    model = detector_from_state(state["family"], state["hf_config"])
+    load_model_entries(model, state)
+    run_dir = checkpoint.parent
+    record = {"source": str(checkpoint), "global_step": state.get("global_step"), "family": state["family"],
+              "dtype": dtype, "exported_at_git": git_sha(), "config": state.get("config"),
+              "provenance": read_records(run_dir)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        model.model.to(DTYPES[dtype]).save_pretrained(staging)
+        (staging / EXPORT_INFO).write_text(json.dumps(record, indent=2, default=str) + "\n")
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return record

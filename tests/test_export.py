@@ -1,0 +1,55 @@
+"""``detrkd export``: a run -> a from_pretrained directory transformers loads alone, with provenance."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from detrkd.cli import main
+from detrkd.models import load_detector
+from test_interruptions import digits, write_config  # noqa: F401 (fixture)
+from test_run_state import train
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, digits):
+    tmp = tmp_path_factory.mktemp("export")
+    config = write_config(tmp, digits, "run")
+    assert train("--config", str(config), "--set", "optim.max_steps=2") == 0
+    return tmp / "run"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_export_writes_a_directory_transformers_and_detrkd_load(run, tmp_path, capsys, dtype):
+    from transformers import AutoModelForObjectDetection
+
+    out = tmp_path / "exported"
+    assert main(["export", "--checkpoint", str(run), "--out", str(out), "--dtype", dtype]) == 0
+    assert "exported" in capsys.readouterr().out
+    assert {"config.json", "model.safetensors", "detrkd_export.json"} <= {p.name for p in out.iterdir()}
+    info = json.loads((out / "detrkd_export.json").read_text())
+    assert info["source"].endswith("last.pt") and info["global_step"] == 2 and info["provenance"]
+    assert info["config"]["model"]["family"] == "rt_detr"
+    hf = AutoModelForObjectDetection.from_pretrained(out).eval()
+    ours = load_detector(out).eval()
+    reference = load_detector(run / "last.pt").eval()
+    assert next(ours.parameters()).dtype == torch.float32  # loaded as float32 whatever was saved
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = reference(x).predictions.logits[-1]
+        got = ours(x).predictions.logits[-1]
+        alone = hf(pixel_values=x.to(next(hf.parameters()).dtype)).logits.float()
+    tol = 1e-5 if dtype == "float32" else 5e-2
+    torch.testing.assert_close(got, want, atol=tol, rtol=0)
+    torch.testing.assert_close(alone, want, atol=tol, rtol=0)
+
+
+def test_export_refuses_a_non_empty_directory_and_a_missing_run(run, tmp_path, capsys):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("")
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "busy")]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err and not (tmp_path / "o").exists()
