@@ -160,7 +160,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     """``detrkd export``."""
     from detrkd.export import export_checkpoint
 
-    record = export_checkpoint(args.checkpoint, args.out, args.dtype)
+    import shlex
+
+    command = shlex.join(["detrkd", "export", "--checkpoint", str(args.checkpoint), "--out", str(args.out),
+                          "--dtype", args.dtype])
+    record = export_checkpoint(args.checkpoint, args.out, args.dtype, command=command)
     print(f"exported {record['source']} (step {record['global_step']}, {record['family']}, {args.dtype}) -> {args.out}")
     return 0
 

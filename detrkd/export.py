@@ -35,10 +35,10 @@ def resolve_checkpoint(path: Path) -> Path:
     return path
 
 
-def export_checkpoint(source: Path, out: Path, dtype: str = "float32") -> dict[str, Any]:
+def export_checkpoint(source: Path, out: Path, dtype: str = "float32", command: str | None = None) -> dict[str, Any]:
     """Write ``source`` (run dir or .pt) as a ``from_pretrained`` directory ``out`` (created; it
     must not hold files yet), weights in ``dtype``; atomic: written beside and renamed. Returns
-    the ``detrkd_export.json`` record."""
+    the ``detrkd_export.json`` record (``command``: the export's own command line, recorded)."""
     from detrkd.models import detector_from_state
 
     if dtype not in DTYPES:
@@ -54,7 +54,7 @@ def export_checkpoint(source: Path, out: Path, dtype: str = "float32") -> dict[s
     run_dir = checkpoint.parent
     record = {"source": str(checkpoint), "global_step": state.get("global_step"), "family": state["family"],
               "dtype": dtype, "exported_at_git": git_sha(), "config": state.get("config"),
-              "provenance": read_records(run_dir)}
+              "provenance": read_records(run_dir), "command": command}
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:

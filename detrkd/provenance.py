@@ -79,10 +79,10 @@ def append_run_record(run_dir: Path, resume: bool, world_size: int = 1,
 
 
 def resume_command() -> str:
-    """This process's command line with ``--resume`` (the way to continue an interrupted run)."""
-    argv = [a for a in sys.argv[1:] if a != "--resume"]
+    """This process's command line with ``--resume`` (the way to continue an interrupted run), as a
+    user types it (``detrkd ...`` for the CLI and ``python -m detrkd``)."""
     prog = "detrkd" if Path(sys.argv[0]).name in ("detrkd", "__main__.py") else sys.argv[0]
-    return shlex.join([prog, *argv, "--resume"])
+    return shlex.join([prog, *(a for a in sys.argv[1:] if a != "--resume"), "--resume"])
 
 
 def read_records(run_dir: Path) -> list[dict[str, Any]]:

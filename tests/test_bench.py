@@ -121,3 +121,29 @@ def test_accuracy_suite_end_to_end(tmp_path, monkeypatch):
     mtime = (tmp_path / "runs/t_lapd_only/last.pt").stat().st_mtime
     assert run_suite("qskd", preset, only=[], out=out) == rows  # finished runs are reused
     assert (tmp_path / "runs/t_lapd_only/last.pt").stat().st_mtime == mtime
+
+
+def test_a_preset_with_a_shipped_teacher_evaluates_it_and_distils_from_it(tmp_path, monkeypatch):
+    """Preset.teacher: no teacher is trained; the shipped directory (a detrkd export plus the run
+    files it was trained with) is evaluated and is the distilled rows' teacher."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    assert main(["data", "digits", "--out", "data/t", "--train-images", "8", "--val-images", "4",
+                 "--image-size", "64"]) == 0
+    sets = [x for kv in TINY for x in ("--set", kv)]
+    assert main(["train", "--config", "configs/digits_teacher.yaml", *sets, "--set", "data.root=data/t",
+                 "--set", "optim.max_steps=2", "--output-dir", "made", "--no-progress"]) == 0
+    assert main(["export", "--checkpoint", "made", "--out", "shipped"]) == 0
+    for name in ("config.yaml", "metrics.jsonl", "provenance.jsonl"):
+        (tmp_path / "shipped" / name).write_bytes((tmp_path / "made" / name).read_bytes())
+    preset = Preset("tiny", "t", Path("data/t"), sets=TINY, teacher=tmp_path / "shipped", results="tiny")
+    rows = run_suite("qskd", preset, only=["lapd_only"], results_dir=tmp_path / "results")
+    teacher, _, lapd = rows
+    assert not (tmp_path / "runs" / "t_teacher" / "last.pt").exists()  # evaluated, not trained
+    assert any(c.startswith("detrkd export --checkpoint made") for c in teacher["command"])
+    from detrkd.provenance import read_commands
+
+    made = read_commands(tmp_path / "made")  # (in-process here, so they show pytest's argv)
+    assert made and all(c in teacher["command"] for c in made)
+    assert "teacher=shipped" in lapd["command"][0]
+    assert (tmp_path / "results" / "tiny" / "qskd.json").exists()  # the preset's own result directory

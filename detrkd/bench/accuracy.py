@@ -98,7 +98,12 @@ class Preset:
     teacher_sets: tuple[str, ...] = ()
     student_sets: tuple[str, ...] = ()
     notes: str = ""
+    results: str = ""  # result sub-directory ("" = benchmarks/results itself)
+    teacher: Path | None = None  # a shipped teacher (from_pretrained dir) used instead of training one
 
+
+# a shipped teacher is a ``detrkd export`` directory plus the run files it was trained with
+SHIPPED_RUN_FILES = ("config.yaml", "metrics.jsonl", "provenance.jsonl")
 
 PRESETS: dict[str, Preset] = {
     "cpu": Preset("cpu", "digits", Path("data/digits"),
@@ -173,14 +178,38 @@ class Suite:
         sets += self.preset.teacher_sets if teacher else self.preset.student_sets
         sets += self.setting.teacher_sets if teacher else self.setting.student_sets
         if row.command == "distill":
-            sets.append(f"teacher={self.run_dir('teacher') / 'last.pt'}")
+            sets.append(f"teacher={self.teacher_checkpoint()}")
         sets += row.sets
         sets += [f"seed={seed}"] if seed else []
         return sets + ([f"threads={self.threads}"] if self.threads else [])
 
+    def teacher_checkpoint(self) -> Path:
+        """The teacher the distilled rows use: the preset's shipped one (relative to the working
+        directory when inside it), or the teacher row's."""
+        if self.preset.teacher is None:
+            return self.run_dir("teacher") / "last.pt"
+        shipped = self.preset.teacher.resolve()
+        return shipped.relative_to(Path.cwd()) if shipped.is_relative_to(Path.cwd()) else shipped
+
+    def shipped_teacher(self) -> dict[str, Any]:
+        """The teacher row of a preset that ships its teacher: the run files it was trained with
+        (shipped beside its weights) copied to the row's run directory, and its evaluation."""
+        run_dir, asset = self.run_dir("teacher"), self.preset.teacher
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for name in SHIPPED_RUN_FILES:
+            if not (run_dir / name).exists():
+                shutil.copyfile(asset / name, run_dir / name)
+        stats, eval_command = evaluate_run(run_dir, self.preset.data, checkpoint=self.teacher_checkpoint())
+        info = json.loads((asset / "detrkd_export.json").read_text())
+        made = [*(shown(r["argv"][1:]) for r in info.get("provenance", [])), info.get("command", "")]
+        self.commands.setdefault("teacher", []).extend([c for c in made if c] + [eval_command])
+        return stats
+
     def train(self, name: str, seed: int = 0) -> dict[str, Any]:
         """Train (or reuse) and evaluate one row for one seed; its stats (the commands that made
         them go to ``self.commands``)."""
+        if name == "teacher" and self.preset.teacher is not None:
+            return self.shipped_teacher()
         row, run_dir = ROWS[name], self.run_dir(name, seed)
         command = ensure_trained(row.command, row.config, run_dir, self.sets(name, seed))
         stats, eval_command = evaluate_run(run_dir, self.preset.data)
@@ -231,8 +260,9 @@ def run_suite(name: str, preset: str | Preset = "cpu", only: Sequence[str] | Non
     if unknown:
         raise ValueError(f"--only: {unknown} are not rows of suite {name!r}; its rows: {rows}")
     setting = SETTINGS[setting] if isinstance(setting, str) else setting
-    out = out or results_dir / setting.results / RESULT_FILES.get(name, f"{name}.json")
-    suite = Suite(name, PRESETS[preset] if isinstance(preset, str) else preset, rows, out, setting,
+    preset = PRESETS[preset] if isinstance(preset, str) else preset
+    out = out or results_dir / setting.results / preset.results / RESULT_FILES.get(name, f"{name}.json")
+    suite = Suite(name, preset, rows, out, setting,
                   tuple(sorted(set(seeds))), threads)
     data_command = suite.ensure_data()
     stats: dict[str, dict[int, dict[str, Any]]] = {}

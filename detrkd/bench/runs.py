@@ -47,11 +47,11 @@ def ensure_trained(command: str, config: Path, run_dir: Path, sets: Sequence[str
     return shown(args)
 
 
-def evaluate_run(run_dir: Path, data: Path) -> tuple[dict[str, Any], str]:
-    """(COCO stats of ``run_dir/last.pt`` on the full val split, the command); cached in
-    ``run_dir/eval_val.json``."""
+def evaluate_run(run_dir: Path, data: Path, checkpoint: Path | None = None) -> tuple[dict[str, Any], str]:
+    """(COCO stats of ``checkpoint`` (default ``run_dir/last.pt``) on the full val split, the
+    command); cached in ``run_dir/eval_val.json``."""
     out = run_dir / "eval_val.json"
-    args = ["eval", "--checkpoint", str(run_dir / "last.pt"), "--data", str(data), "--out", str(out)]
+    args = ["eval", "--checkpoint", str(checkpoint or run_dir / "last.pt"), "--data", str(data), "--out", str(out)]
     if not out.exists():
         run(detrkd_cmd(*args, "--no-progress"))
     return json.loads(out.read_text()), shown(args)
