@@ -44,15 +44,12 @@ import numpy as np
 import torch
 
 import detrkd
+from detrkd.errors import CheckpointError  # noqa: F401 (re-exported)
 
 FORMAT_VERSION = 1
 MARKER = "detrkd_checkpoint"
 LAST = "last.pt"
 BEST = "best.pt"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, truncated, corrupt or not a detrkd checkpoint."""
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:

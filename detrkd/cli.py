@@ -29,9 +29,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from detrkd import __version__
-from detrkd.checkpoint import CheckpointError
 from detrkd.config import ConfigError
-from detrkd.engine import TrainingError, TrainingInterrupted
+from detrkd.errors import CheckpointError, TrainingError, TrainingInterrupted
 
 USER_ERRORS = (ConfigError, CheckpointError, TrainingError, OSError, ValueError)
 EXIT_USAGE = 2
@@ -55,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(sub, common)
     _add_export(sub, common)
     _add_distill(sub, common)
+    _add_methods(sub, common)
     _add_analyze(sub, common)
     _add_bench(sub, common)
     return parser
@@ -83,13 +83,47 @@ def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _add_distill(sub: Any, common: argparse.ArgumentParser) -> None:
+    from detrkd.distill.catalog import help_text
+
     distill = sub.add_parser("distill", parents=[common], help="distil a student from a teacher",
-                             description="Train the configured student (model.*) from a teacher "
-                                         "(--teacher or config key teacher) with the configured "
-                                         "methods. Config precedence: --config < shortcuts < --set.")
+                             formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_text(),
+                             description="Train a student (--student, or model.* of --config) from a teacher "
+                                         "(--teacher or config key teacher) with the chosen methods (--method, "
+                                         "or config key methods). Config precedence: --config < shortcuts < "
+                                         "--set. E.g. detrkd distill --teacher runs/t/last.pt --student "
+                                         "rt_detr:tiny --method qskd --data data/digits --output-dir runs/s")
     _add_run_arguments(distill)
     distill.add_argument("--teacher", help="teacher checkpoint (.pt) or from_pretrained dir (config key teacher)")
+    distill.add_argument("--student", help="FAMILY:PRESET (e.g. rt_detr:tiny; model.family / model.preset) or a "
+                                           "from_pretrained dir to start from (model.pretrained)")
+    distill.add_argument("--method", action="append", metavar="NAME",
+                         help="a method or recipe (listed below; repeatable): sets config key methods")
     distill.set_defaults(func=cmd_distill)
+
+
+def _add_methods(sub: Any, common: argparse.ArgumentParser) -> None:
+    me = sub.add_parser("methods", parents=[common], help="every distillation method's options and defaults")
+    me.set_defaults(func=cmd_methods)
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    """``detrkd methods``: each method's one line, its recipe weight and every option with its default."""
+    import inspect
+
+    from detrkd.distill.catalog import RECIPE_SUMMARIES, RECIPES, SUMMARIES
+    from detrkd.distill.train import method_class
+
+    for name, summary in SUMMARIES.items():
+        print(f"{name}: {summary}")
+        print(f"  weight: {RECIPES[name][name]['weight']:g}  (lambda: multiplies every term)")
+        for param in list(inspect.signature(method_class(name)).parameters.values()):
+            if param.name in ("teacher", "student") or param.kind is param.VAR_KEYWORD:
+                continue
+            default = "required" if param.default is param.empty else repr(param.default)
+            print(f"  {param.name}: {default}")
+    for name, summary in RECIPE_SUMMARIES.items():
+        print(f"{name} (recipe): {summary}")
+    return 0
 
 
 def _add_run_arguments(train: argparse.ArgumentParser) -> None:
@@ -255,6 +289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if _is_main_process():
             print(f"detrkd: {_one_line(exc)}", file=sys.stderr)
         return EXIT_INTERRUPTED if exc.signum == signal.SIGINT else EXIT_TERMINATED
+    except BrokenPipeError:  # the reader went away (e.g. `detrkd methods | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         if debug:
             raise
@@ -337,7 +374,32 @@ def train_overrides(args: argparse.Namespace) -> list[str | tuple[str, Any]]:
                  "optim.epochs": args.epochs, "device": args.device, "output_dir": args.output_dir,
                  "seed": args.seed, "teacher": getattr(args, "teacher", None)}
     pairs: list[str | tuple[str, Any]] = [(k, v) for k, v in shortcuts.items() if v is not None]
+    pairs += student_overrides(getattr(args, "student", None))
+    if getattr(args, "method", None):
+        from detrkd.distill.catalog import methods_for
+
+        pairs.append(("methods", methods_for(args.method)))
     return pairs + list(args.overrides)
+
+
+def student_overrides(student: str | None) -> list[tuple[str, Any]]:
+    """``--student``: FAMILY:PRESET -> model.family / model.preset; a from_pretrained directory ->
+    model.pretrained and model.family (from its config.json's model_type)."""
+    if student is None:
+        return []
+    path = Path(student)
+    if path.is_dir():
+        from detrkd.models import family_of_model_type
+
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise ConfigError(f"--student {student}: a directory without config.json is not a from_pretrained dir")
+        family = family_of_model_type(json.loads(config_file.read_text()).get("model_type"))
+        return [("model.family", family), ("model.pretrained", str(path)), ("model.preset", None)]
+    family, sep, preset = student.partition(":")
+    if not sep or not family or not preset:
+        raise ConfigError(f"--student {student!r}: use FAMILY:PRESET (e.g. rt_detr:tiny) or a from_pretrained dir")
+    return [("model.family", family), ("model.preset", preset)]
 
 
 def train_config_source(args: argparse.Namespace) -> Path | None:

@@ -37,8 +37,9 @@ class ModelConfig:
 
     # detector family, a key of ``detrkd.models.ADAPTERS`` (e.g. "deformable_detr", "detr")
     family: str
-    # named size preset: "tiny" (smoke tests), "small" (student), "base" (teacher)
-    preset: str
+    # named size preset: "tiny" (smoke tests), "small" (student), "base" (teacher); may be left out
+    # (null) with ``pretrained``, whose own config gives the size
+    preset: str | None = None
     # a preset name whose backbone replaces ``preset``'s (transformer unchanged); None keeps it.
     # The papers' students: the teacher's transformer on a smaller backbone
     backbone: str | None = None
@@ -48,6 +49,10 @@ class ModelConfig:
     pretrained: str | None = None
     # extra HF config keys passed to the family's config (e.g. {dropout: 0.0})
     overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(self.preset is not None or bool(self.pretrained),
+               "model.preset is required (tiny, small, base) unless model.pretrained gives the model")
 
 
 @dataclass

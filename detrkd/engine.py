@@ -58,6 +58,7 @@ from tqdm.auto import tqdm
 from detrkd.checkpoint import (BEST, LAST, load_checkpoint, load_model_entries, model_entries,
                                rng_state, save_checkpoint, set_rng_state)
 from detrkd.config import ConfigError, OptimConfig, TrainConfig, config_to_dict, dump_config
+from detrkd.errors import NonFiniteLossError, TrainingError, TrainingInterrupted  # noqa: F401 (re-exported)
 from detrkd.models.base import NonFinitePredictions
 from detrkd.distributed import (all_gather, any_flags, barrier, broadcast_from_main, check_no_accelerate_state, detection_loss,
                                 init_distributed, local_device, mean_values, shard, world)
@@ -73,23 +74,6 @@ ParamGroup = dict[str, Any]
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
-
-
-class TrainingError(RuntimeError):
-    """Training cannot start or continue (bad run directory, resume mismatch, ...)."""
-
-
-class NonFiniteLossError(TrainingError):
-    """The loss (or gradient) was non-finite for ``max_nonfinite_in_row`` steps in a row."""
-
-
-class TrainingInterrupted(Exception):
-    """Training stopped on SIGTERM or SIGINT after writing ``last.pt``; ``--resume`` continues it.
-    ``signum``: the signal (None when another process of a data-parallel run received it)."""
-
-    def __init__(self, message: str, signum: int | None = None):
-        super().__init__(message)
-        self.signum = signum
 
 
 # ---- runtime ------------------------------------------------------------------------------
@@ -961,7 +945,8 @@ def check_model_config(model: Any) -> None:
     if model.num_queries is not None and model.num_queries < 1:
         raise ConfigError(f"model.num_queries must be >= 1 (or null: the preset's), got {model.num_queries}")
     try:
-        cls, size = adapter_class(model.family), preset_size(model.preset, model.backbone)
+        cls = adapter_class(model.family)
+        size = preset_size(model.preset, model.backbone) if model.preset is not None else None
     except ValueError as exc:
         raise ConfigError(f"model: {exc}") from None
     if model.pretrained:

@@ -144,7 +144,7 @@ def test_format_stats_table():
 def test_parser_has_all_commands():
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == {"data", "train", "eval", "predict", "export", "distill", "analyze", "bench"}
+    assert set(sub.choices) == {"data", "train", "eval", "predict", "export", "distill", "methods", "analyze", "bench"}
 
 
 # ---- end to end -----------------------------------------------------------------------------

@@ -68,7 +68,7 @@ def test_unknown_key_lists_valid_keys_of_its_level():
     ("optim.step_epochs=8", "optim.step_epochs: expected list[int], got 8"),
     ("optim.step_epochs=[8, x]", "optim.step_epochs[1]: expected int, got 'x'"),
     ("optim.max_steps=soon", "optim.max_steps: expected int | None, got 'soon'"),
-    ("model.preset=null", "model.preset: expected str, got null"),
+    ("model.preset=null", "model.preset is required (tiny, small, base) unless model.pretrained"),
     ("model=3", "model: expected a mapping, got 3"),
     ("model.overrides=3", "model.overrides: expected a mapping, got 3"),
     ("optim.epochs=0", "optim.epochs must be >= 1"),
@@ -92,7 +92,7 @@ def test_override_into_a_value_is_an_error():
 
 
 def test_missing_required_keys():
-    with pytest.raises(ConfigError, match="missing required config key 'model.preset'"):
+    with pytest.raises(ConfigError, match="model.preset is required"):
         load_config({"model": {"family": "detr"}, "data": {"root": "x"}})
     with pytest.raises(ConfigError, match="missing required config key 'data.root'"):
         load_config({"model": {"family": "detr", "preset": "tiny"}})
