@@ -39,7 +39,7 @@ def export_checkpoint(source: Path, out: Path, dtype: str = "float32", command: 
     """Write ``source`` (run dir or .pt) as a ``from_pretrained`` directory ``out`` (created; it
     must not hold files yet), weights in ``dtype``; atomic: written beside and renamed. Returns
     the ``detrkd_export.json`` record (``command``: the export's own command line, recorded)."""
-    from detrkd.models import detector_from_state
+    from detrkd.models import detector_from_state, save_detector
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -58,7 +58,8 @@ def export_checkpoint(source: Path, out: Path, dtype: str = "float32", command: 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        model.model.to(DTYPES[dtype]).save_pretrained(staging)
+        model.model.to(DTYPES[dtype])
+        save_detector(model, staging)
         (staging / EXPORT_INFO).write_text(json.dumps(record, indent=2, default=str) + "\n")
         if out.exists():
             out.rmdir()

@@ -53,3 +53,17 @@ def test_export_refuses_a_non_empty_directory_and_a_missing_run(run, tmp_path, c
     assert "not empty" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("family", ["detr", "conditional_detr", "dab_detr", "deformable_detr", "rt_detr",
+                                    "rt_detr_v2", "d_fine"])
+def test_a_saved_detector_loads_in_transformers_without_missing_or_unexpected_keys(tmp_path, family):
+    """DETR-style backbones train a thawed BatchNorm (its num_batches_tracked is not in HF's frozen
+    one): save_detector leaves those out, so transformers reports nothing."""
+    from transformers import AutoModelForObjectDetection
+
+    from detrkd.models import build_detector, save_detector
+
+    save_detector(build_detector(family, "tiny", 5), tmp_path / family)
+    _, info = AutoModelForObjectDetection.from_pretrained(tmp_path / family, output_loading_info=True)
+    assert {k: list(v) for k, v in info.items() if v} == {}

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .base import (PRESETS, DetectorOutput, DetrAdapter, EncoderMemory, Predictions, PresetSize,
-                   Queries, count_hooks)
+                   Queries, count_hooks, hf_state_dict)
 
 ADAPTERS: dict[str, str] = {
     "detr": "detr:DETRAdapter",
@@ -27,7 +27,8 @@ ADAPTERS: dict[str, str] = {
 
 __all__ = ["ADAPTERS", "PRESETS", "DetectorOutput", "DetrAdapter", "EncoderMemory", "Predictions",
            "PresetSize", "Queries", "adapter_class", "build_detector", "count_hooks",
-           "detector_from_state", "family_of_model_type", "load_detector", "preset_size", "save_detector"]
+           "detector_from_state", "family_of_model_type", "hf_state_dict", "load_detector", "preset_size",
+           "save_detector"]
 
 
 def adapter_class(family: str) -> type[DetrAdapter]:
@@ -129,5 +130,6 @@ def _load_pretrained_dir(path: Path) -> DetrAdapter:
 
 
 def save_detector(adapter: DetrAdapter, directory: str | Path) -> None:
-    """Write the detector in HF ``save_pretrained`` layout (loadable by transformers alone)."""
-    adapter.model.save_pretrained(directory)
+    """Write the detector in HF ``save_pretrained`` layout (loadable by transformers alone, with no
+    missing or unexpected keys: ``hf_state_dict``)."""
+    adapter.model.save_pretrained(directory, state_dict=hf_state_dict(adapter.model))

@@ -369,6 +369,7 @@ def thaw_batch_norms(module: nn.Module) -> int:
             with torch.no_grad():
                 for key in ("weight", "bias", "running_mean", "running_var"):
                     getattr(bn, key).copy_(getattr(child, key))
+            bn.thawed_from_frozen = True  # its num_batches_tracked is not HF's: left out on save
             setattr(module, name, bn)
             replaced += 1
         else:
@@ -392,6 +393,15 @@ def forward_hooks(hooks: list[tuple[nn.Module, str, Callable[..., Any]]]) -> Ite
     finally:
         for handle in handles:
             handle.remove()
+
+
+def hf_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """``model.state_dict()`` as the HF class expects it: without the ``num_batches_tracked`` of
+    BatchNorm layers detrkd thawed (``thaw_batch_norms``), which HF's frozen BatchNorm does not
+    have (transformers would report them as unexpected keys on load)."""
+    dropped = {f"{name}.num_batches_tracked" for name, m in model.named_modules()
+               if getattr(m, "thawed_from_frozen", False)}
+    return {k: v for k, v in model.state_dict().items() if k not in dropped}
 
 
 def count_hooks(module: nn.Module) -> int:
