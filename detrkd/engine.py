@@ -840,11 +840,12 @@ def make_detector(config: TrainConfig, num_classes: int, class_names: Sequence[s
     from detrkd.models import build_detector, load_detector
 
     mcfg = config.model
-    if mcfg.pretrained:
-        model = load_detector(mcfg.pretrained)
+    if mcfg.pretrained:  # a from_pretrained dir with other classes gets new class heads (load_detector)
+        model = load_detector(mcfg.pretrained, class_names)
         if model.num_classes != num_classes:
             raise TrainingError(f"model.pretrained {mcfg.pretrained} has {model.num_classes} classes, "
-                                f"the data has {num_classes}")
+                                f"the data has {num_classes}: a detrkd checkpoint is loaded as it is; "
+                                f"`detrkd export` it to a directory to start from it with new class heads")
         return model
     overrides = dict(mcfg.overrides)
     if mcfg.num_queries is not None:

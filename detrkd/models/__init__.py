@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .base import (PRESETS, DetectorOutput, DetrAdapter, EncoderMemory, Predictions, PresetSize,
                    Queries, count_hooks, hf_state_dict)
@@ -24,6 +25,8 @@ ADAPTERS: dict[str, str] = {
     "rt_detr_v2": "rt_detr:RTDETRv2Adapter",
     "d_fine": "d_fine:DFineAdapter",
 }
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ADAPTERS", "PRESETS", "DetectorOutput", "DetrAdapter", "EncoderMemory", "Predictions",
            "PresetSize", "Queries", "adapter_class", "build_detector", "count_hooks",
@@ -88,13 +91,19 @@ def detector_from_state(family: str, hf_config: dict[str, Any]) -> DetrAdapter:
     return cls.from_config(AutoConfig.for_model(model_type, **config_dict))
 
 
-def load_detector(path: str | Path) -> DetrAdapter:
-    """Load a detector from a HF ``save_pretrained`` directory or a detrkd checkpoint file."""
+def load_detector(path: str | Path, class_names: Sequence[str] | None = None) -> DetrAdapter:
+    """Load a detector from a HF ``save_pretrained`` directory or a detrkd checkpoint file.
+
+    class_names: the categories the detector must predict (a dataset's, in label order). A
+    ``from_pretrained`` directory with another class count gets its class heads re-initialised for
+    them (transformers' ``ignore_mismatched_sizes``; everything else is loaded) and their names as
+    ``id2label``; the log names the re-initialised tensors. A detrkd checkpoint is loaded as it is.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no detector at {path}")
     if path.is_dir():
-        return _load_pretrained_dir(path)
+        return _load_pretrained_dir(path, class_names)
     from ..checkpoint import load_checkpoint
 
     state = load_checkpoint(path)
@@ -109,21 +118,38 @@ def load_detector(path: str | Path) -> DetrAdapter:
     return adapter
 
 
-def _load_pretrained_dir(path: Path) -> DetrAdapter:
+def _load_pretrained_dir(path: Path, class_names: Sequence[str] | None = None) -> DetrAdapter:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} is a directory without config.json: not a from_pretrained dir")
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    saved = json.loads(config_file.read_text())
     try:
-        cls = adapter_class(family_of_model_type(model_type))
+        cls = adapter_class(family_of_model_type(saved.get("model_type")))
     except ValueError as exc:
         raise ValueError(f"{config_file}: {exc}") from exc
     import torch
+    import transformers
     from transformers import AutoModelForObjectDetection
 
-    # the attention implementation is not saved in config.json; eager is the one that returns maps.
-    # float32 whatever the saved dtype: detrkd trains and distils in float32 (amp is autocast)
-    model = AutoModelForObjectDetection.from_pretrained(path, attn_implementation="eager", dtype=torch.float32)
+    relabel: dict[str, Any] = {}
+    saved_count = len(saved.get("id2label") or {}) or saved.get("num_labels")
+    if class_names is not None:  # the data's names; other heads only for another class count
+        relabel = dict(id2label=dict(enumerate(class_names)), label2id={n: i for i, n in enumerate(class_names)})
+        if saved_count != len(class_names):
+            relabel["ignore_mismatched_sizes"] = True
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its load report is summarised below instead
+    try:
+        # the attention implementation is not saved in config.json; eager is the one that returns maps.
+        # float32 whatever the saved dtype: detrkd trains and distils in float32 (amp is autocast)
+        model, info = AutoModelForObjectDetection.from_pretrained(
+            path, attn_implementation="eager", dtype=torch.float32, output_loading_info=True, **relabel)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    if relabel.get("ignore_mismatched_sizes"):
+        heads = sorted(k for k, *_ in info.get("mismatched_keys", []))
+        log.info("%s predicts %s classes, the data %d: re-initialised its class heads for the data's categories "
+                 "(%d tensors: %s)", path, saved_count, len(class_names), len(heads), ", ".join(heads))
     for param in model.parameters():  # HF freezes parts of some backbones; detrkd trains all
         param.requires_grad_(True)
     return cls(model)
