@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 from torch import nn
 
@@ -65,8 +65,12 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module) -> int:
     return len(copied)
 
 
-def load_teacher(config: DistillConfig, num_classes: int) -> DetrAdapter:
-    """The frozen teacher of ``config.teacher``; errors name the path and what is wrong with it."""
+def load_teacher(config: DistillConfig, num_classes: int, class_names: Sequence[str] | None = None) -> DetrAdapter:
+    """The frozen teacher of ``config.teacher``; errors name the path and what is wrong with it.
+    A teacher that names the data's categories in another order has its classes reordered by name
+    (``models.relabel.align_classes``); one with other categories is an error."""
+    from ..models.relabel import align_classes
+
     try:
         teacher = load_detector(config.teacher)
     except (ValueError, KeyError, RuntimeError) as exc:
@@ -74,7 +78,20 @@ def load_teacher(config: DistillConfig, num_classes: int) -> DetrAdapter:
     if teacher.num_classes != num_classes:
         raise ConfigError(f"teacher {config.teacher} predicts {teacher.num_classes} classes, "
                           f"the data has {num_classes}")
+    if class_names is not None and _named(teacher):
+        try:
+            if align_classes(teacher.model, class_names):
+                log.info("teacher %s names the data's categories in another order: its classes were "
+                         "reordered by name", config.teacher)
+        except ValueError as exc:
+            raise ConfigError(f"teacher {config.teacher}: {exc}") from None
     return teacher
+
+
+def _named(model: DetrAdapter) -> bool:
+    """The model's ``id2label`` holds real names (not transformers' LABEL_i defaults)."""
+    labels = getattr(model.config, "id2label", None) or {}
+    return bool(labels) and any(str(v) != f"LABEL_{k}" for k, v in labels.items())
 
 
 def build_distill_trainer(config: DistillConfig, resume: bool = False, progress: bool = True) -> Any:
@@ -91,7 +108,7 @@ def build_distill_trainer(config: DistillConfig, resume: bool = False, progress:
     data = make_datasets(config)
     num_classes = data["train"].num_classes
     student = make_detector(config, num_classes, data["train"].class_names)
-    teacher = load_teacher(config, num_classes)
+    teacher = load_teacher(config, num_classes, data["train"].class_names)
     if config.init_from_teacher and not resume:
         log.info("init_from_teacher: copied %d tensors", init_from_teacher(student, teacher))
     methods, weights = build_methods(config.methods, teacher, student)
