@@ -411,13 +411,14 @@ def train_config_source(args: argparse.Namespace) -> Path | None:
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-    """One line (rank 0 only): where a training / distillation run stopped and its best val AP."""
+    """Where a training / distillation run stopped and its best val AP, and how to export it (rank 0)."""
     if not _is_main_process():
         return
     best = summary["best_metric"]
     status = "stopped at optim.max_steps" if summary["stopped_early"] else "done"
     print(f"{status}: {summary['global_step']} steps, epoch {summary['last_epoch']}, "
           f"best AP {'n/a' if best is None else f'{best:.4f}'} -> {summary['run_dir']}")
+    print(f"for transformers: detrkd export --checkpoint {summary['run_dir']} --out {summary['run_dir']}/hf")
 
 
 def cmd_train(args: argparse.Namespace) -> int:

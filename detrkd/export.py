@@ -1,7 +1,8 @@
 """``detrkd export``: a run directory or checkpoint -> a transformers ``from_pretrained`` directory.
 
 The directory holds what ``save_pretrained`` writes (``config.json`` with ``id2label``, weights as
-safetensors) and ``detrkd_export.json``: where the weights came from (checkpoint, step, the run's
+safetensors), the image processor of detrkd's preprocessing (``preprocessor_config.json``,
+``models.processors``) and ``detrkd_export.json``: where the weights came from (checkpoint, step, the run's
 config and its ``provenance.jsonl`` records: commit, versions, command lines). detrkd loads it as a
 teacher, a student's ``model.pretrained`` or a ``--checkpoint``; transformers loads it alone.
 """
@@ -40,6 +41,7 @@ def export_checkpoint(source: Path, out: Path, dtype: str = "float32", command: 
     must not hold files yet), weights in ``dtype``; atomic: written beside and renamed. Returns
     the ``detrkd_export.json`` record (``command``: the export's own command line, recorded)."""
     from detrkd.models import detector_from_state, save_detector
+    from detrkd.models.processors import image_processor
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -60,6 +62,8 @@ def export_checkpoint(source: Path, out: Path, dtype: str = "float32", command: 
     try:
         model.model.to(DTYPES[dtype])
         save_detector(model, staging)
+        image_size = int(((state.get("config") or {}).get("data") or {}).get("image_size", 256))
+        image_processor(state["family"], image_size).save_pretrained(staging)
         (staging / EXPORT_INFO).write_text(json.dumps(record, indent=2, default=str) + "\n")
         if out.exists():
             out.rmdir()

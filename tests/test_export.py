@@ -67,3 +67,30 @@ def test_a_saved_detector_loads_in_transformers_without_missing_or_unexpected_ke
     save_detector(build_detector(family, "tiny", 5), tmp_path / family)
     _, info = AutoModelForObjectDetection.from_pretrained(tmp_path / family, output_loading_info=True)
     assert {k: list(v) for k, v in info.items() if v} == {}
+
+
+@pytest.mark.parametrize("family,preset", [("rt_detr", "tiny"), ("detr", "tiny")])
+def test_an_exported_student_works_in_a_transformers_pipeline_as_in_detrkd_predict(tmp_path, digits, capsys,
+                                                                                  family, preset):
+    """The export's image processor feeds the model what detrkd fed it: the pipeline's top
+    detections are detrkd predict's (same labels, boxes within 1.5 px, scores within 0.01)."""
+    from PIL import Image
+    from transformers import pipeline
+
+    from detrkd.inference import class_names, predict_image
+
+    config = write_config(tmp_path, digits, "run")
+    assert train("--config", str(config), "--set", f"model.family={family}", "--set", "optim.max_steps=4",
+                 "--set", "data.image_size=96") == 0
+    out = tmp_path / "exported"
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 0
+    image = Image.open(sorted((digits / "val").iterdir())[0]).convert("RGB")
+    model = load_detector(tmp_path / "run" / "last.pt").eval()
+    ours, names = predict_image(model, image, 96, "cpu", 0.0)[:5], class_names(model)
+    detector = pipeline("object-detection", model=str(out), device="cpu")
+    theirs = detector(image, threshold=0.0)
+    assert len(theirs) >= 5
+    for a, b in zip(ours, sorted(theirs, key=lambda d: -d["score"])[:5]):
+        assert names(a["label"]) == b["label"] and abs(a["score"] - b["score"]) < 0.01
+        box = [b["box"][k] for k in ("xmin", "ymin", "xmax", "ymax")]
+        assert max(abs(x - y) for x, y in zip(a["box"], box)) < 1.5

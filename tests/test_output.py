@@ -24,9 +24,10 @@ def test_progress_eval_and_summary_lines(tmp_path, digits, capsys):
     evals = [line for line in err.splitlines() if " eval: " in line]
     assert evals and "=-1" not in evals[0]
     assert re.search(r"num_images=2(,|$)", evals[0]) and "-1.0000" not in evals[0], evals[0]
-    summary = out.strip().splitlines()[-1]
+    summary = next(line for line in out.splitlines() if line.startswith("stopped at"))
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert summary.startswith(f"stopped at optim.max_steps: 9 steps, epoch {last['epoch']},"), summary
+    assert f"detrkd export --checkpoint {tmp_path / 'run'}" in out  # how to hand it to transformers
 
 
 def test_did_you_mean_finds_a_key_in_another_section():
