@@ -85,3 +85,14 @@ def test_a_teacher_with_the_datas_names_in_another_order_is_reordered(tmp_path, 
     err = capsys.readouterr().err
     assert code == 0, err
     assert "reordered by name" in err
+
+
+def test_student_directory_shortcut(tmp_path, digits, capsys):
+    save_detector(build_detector("rt_detr", "tiny", 80), tmp_path / "coco80")
+    save_detector(build_detector("rt_detr", "tiny", 10), tmp_path / "teacher")
+    code = main(["distill", "--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "coco80"),
+                 "--method", "fitnet", "--data", str(digits), "--output-dir", str(tmp_path / "run"), "--no-progress",
+                 "--set", "data.image_size=64", "--set", "optim.max_steps=1"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "re-initialised its class heads" in err and load_detector(tmp_path / "run" / "last.pt").num_classes == 10
