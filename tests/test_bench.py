@@ -147,3 +147,27 @@ def test_a_preset_with_a_shipped_teacher_evaluates_it_and_distils_from_it(tmp_pa
     assert made and all(c in teacher["command"] for c in made)
     assert "teacher=shipped" in lapd["command"][0]
     assert (tmp_path / "results" / "tiny" / "qskd.json").exists()  # the preset's own result directory
+
+
+def test_a_row_another_process_trains_is_busy_and_waited_for(tmp_path):
+    """Two bench commands may share rows: a row whose directory another live process holds is
+    RowBusy (nothing started, nothing written), and wait_until_free returns once that process ends."""
+    import threading
+
+    from detrkd.bench.runs import RowBusy, ensure_trained, is_busy, wait_until_free
+    from test_run_state import holder
+
+    run_dir = tmp_path / "row"
+    assert not is_busy(run_dir) and not run_dir.exists()
+    proc = holder(run_dir)
+    try:
+        assert is_busy(run_dir)
+        with pytest.raises(RowBusy):
+            ensure_trained("train", REPO / "configs" / "digits_student.yaml", run_dir, [])
+        assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
+        threading.Timer(0.5, proc.kill).start()
+        wait_until_free(run_dir, poll_seconds=0.1)
+        assert not is_busy(run_dir)
+    finally:
+        proc.kill()
+        proc.wait()

@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..provenance import PROVENANCE_FILE, git_sha, hardware, read_commands, read_git_shas
-from .runs import STATS, detrkd_cmd, ensure_trained, eval_curve, evaluate_run, run, run_config, shown, train_minutes
+from .runs import (STATS, RowBusy, detrkd_cmd, ensure_trained, eval_curve, evaluate_run, run, run_config, shown,
+                   train_minutes, wait_until_free)
 
 TEACHER_CONFIG = Path("configs/digits_teacher.yaml")
 STUDENT_CONFIG = Path("configs/digits_student.yaml")
@@ -266,12 +267,23 @@ def run_suite(name: str, preset: str | Preset = "cpu", only: Sequence[str] | Non
                   tuple(sorted(set(seeds))), threads)
     data_command = suite.ensure_data()
     stats: dict[str, dict[int, dict[str, Any]]] = {}
+    busy: list[tuple[str, int]] = []  # rows another process is training: done after the others
     for row in ("teacher", "no_kd", *rows):
         wanted = row in ("teacher", "no_kd") or only is None or row in only
-        done = {seed: suite.train(row, seed) for seed in suite.row_seeds(row)
-                if wanted or suite.finished(row, seed)}
-        if done:
-            stats[row] = done
+        for seed in suite.row_seeds(row):
+            if not (wanted or suite.finished(row, seed)):
+                continue
+            if row == "teacher":  # every distilled row needs it finished
+                wait_until_free(suite.run_dir(row, seed))
+            try:
+                stats.setdefault(row, {})[seed] = suite.train(row, seed)
+            except RowBusy:
+                print(f"+ {suite.run_dir(row, seed)} is being trained by another process: later", flush=True)
+                busy.append((row, seed))
+    for row, seed in busy:
+        wait_until_free(suite.run_dir(row, seed))
+        stats.setdefault(row, {})[seed] = suite.train(row, seed)
+    stats = {row: stats[row] for row in ("teacher", "no_kd", *rows) if stats.get(row)}
     for role in ("teacher", "no_kd"):
         suite.commands[role].insert(0, data_command)
     t_ap, s_ap = (mean_stats(stats[r])["ap"] for r in ("teacher", "no_kd"))

@@ -11,6 +11,7 @@ import json
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,15 +36,50 @@ def shown(args: Sequence[str]) -> str:
     return shlex.join(["detrkd", *args])
 
 
+class RowBusy(RuntimeError):
+    """Another process is training this run directory now (it holds the run's lock)."""
+
+
+def is_busy(run_dir: Path) -> bool:
+    """True if a live process holds ``run_dir``'s lock (``detrkd.runlock``); never creates it."""
+    from detrkd.runlock import RunLock, RunLocked
+
+    if not (run_dir / ".lock").exists():
+        return False
+    lock = RunLock(run_dir)
+    try:
+        lock.acquire()
+    except RunLocked:
+        return True
+    lock.release()
+    return False
+
+
+def wait_until_free(run_dir: Path, poll_seconds: float = 60.0) -> None:
+    """Block while another process trains ``run_dir`` (e.g. a second ``bench`` started on the same rows)."""
+    if is_busy(run_dir):
+        print(f"+ waiting for {run_dir}: another process is training it", flush=True)
+        while is_busy(run_dir):
+            time.sleep(poll_seconds)
+
+
 def ensure_trained(command: str, config: Path, run_dir: Path, sets: Sequence[str]) -> str:
     """Run ``detrkd <command> --config <config> --set ...`` to completion in ``run_dir`` (resuming
-    an interrupted run, skipping a finished one); returns the command line."""
+    an interrupted run, skipping a finished one); returns the command line. ``RowBusy`` when
+    another process is training ``run_dir`` (before or as this one starts)."""
     args = [command, "--config", str(config), *(x for kv in sets for x in ("--set", kv)),
             "--set", f"output_dir={run_dir}"]
-    if not (run_dir / "last.pt").exists():
-        run(detrkd_cmd(*args, "--no-progress"))
-    elif not run_finished(run_dir):
-        run(detrkd_cmd(*args, "--no-progress", "--resume"))
+    if is_busy(run_dir):
+        raise RowBusy(str(run_dir))
+    resume = (run_dir / "last.pt").exists()
+    if resume and run_finished(run_dir):
+        return shown(args)
+    try:
+        run(detrkd_cmd(*args, "--no-progress", *(["--resume"] if resume else [])))
+    except subprocess.CalledProcessError as exc:
+        if exc.returncode == 2 and is_busy(run_dir):  # taken between the check and the start
+            raise RowBusy(str(run_dir)) from None
+        raise
     return shown(args)
 
 
