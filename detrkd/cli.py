@@ -179,7 +179,8 @@ def _add_predict(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _add_export(sub: Any, common: argparse.ArgumentParser) -> None:
-    ex = sub.add_parser("export", parents=[common], help="a run or checkpoint -> a transformers from_pretrained dir",
+    ex = sub.add_parser("export", parents=[common],
+                        help="a run or checkpoint -> a transformers from_pretrained dir",
                         description="Write a detrkd run's detector (its best.pt, else last.pt) or a "
                                     "checkpoint as a directory transformers' from_pretrained loads, with "
                                     "detrkd_export.json naming where the weights came from.")
@@ -199,7 +200,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     command = shlex.join(["detrkd", "export", "--checkpoint", str(args.checkpoint), "--out", str(args.out),
                           "--dtype", args.dtype])
     record = export_checkpoint(args.checkpoint, args.out, args.dtype, command=command)
-    print(f"exported {record['source']} (step {record['global_step']}, {record['family']}, {args.dtype}) -> {args.out}")
+    print(f"exported {record['source']} (step {record['global_step']}, {record['family']}, {args.dtype}) "
+          f"-> {args.out}")
     return 0
 
 

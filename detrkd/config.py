@@ -301,8 +301,8 @@ def from_dict(schema: type[T], data: Any, prefix: str = "") -> T:
 def _reject_misplaced(data: Mapping[str, Any], everywhere: list[str], prefix: str) -> None:
     """Walk the sections of ``data``: a key that exists only in another section is an error that
     names the right place (``warmup_steps`` -> ``optim.warmup_steps``)."""
-    sections = {k[len(prefix):].split(".")[0] for k in everywhere if k.startswith(prefix) and "." in k[len(prefix):]}
     here = {k[len(prefix):] for k in everywhere if k.startswith(prefix)}
+    sections = {k.split(".")[0] for k in here if "." in k}
     for key, value in data.items():
         if str(key) in sections and isinstance(value, Mapping):
             _reject_misplaced(value, everywhere, f"{prefix}{key}.")
@@ -325,7 +325,8 @@ def dotted_keys(schema: type, prefix: str = "") -> list[str]:
     return keys
 
 
-def _reject_unknown(data: Mapping[str, Any], valid: list[str], prefix: str, everywhere: list[str] | None = None) -> None:
+def _reject_unknown(data: Mapping[str, Any], valid: list[str], prefix: str,
+                    everywhere: list[str] | None = None) -> None:
     """``ConfigError`` for the first key of ``data`` not in ``valid``, with a "did you mean": a key of
     that name in another section (``everywhere``: all dotted keys, given at the top level, where a
     section's keys are checked before the section is read), else the closest key at this level."""

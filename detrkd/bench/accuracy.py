@@ -239,7 +239,8 @@ def result_row(name: str, run_dirs: dict[int, Path], per_seed: dict[int, dict[st
             "teacher_ap": round(teacher_ap, 4), "student_ap": round(student_ap, 4),
             "gap_closed": round((stats["ap"] - student_ap) / gap, 3) if gap > 0 else None,
             "seeds": sorted(per_seed),
-            "per_seed": {str(k): {"ap": round(v["ap"], 4), "run_dir": str(run_dirs[k])} for k, v in sorted(per_seed.items())},
+            "per_seed": {str(k): {"ap": round(v["ap"], 4), "run_dir": str(run_dirs[k])}
+                         for k, v in sorted(per_seed.items())},
             "train_minutes": round(train_minutes(first), 1), "threads": config.get("threads"),
             "methods": config.get("methods"), "run_dir": str(first),
             "trained_at_git": sorted({sha for d in run_dirs.values() for sha in read_git_shas(d)}) or None,
@@ -333,7 +334,8 @@ def write_results(results: list[dict[str, Any]], suite: Suite) -> None:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The result rows as a markdown table."""
-    lines = ["| method | AP | AP50 | AP75 | APs | APm | APl | AP per seed | gap closed | train min (threads) | trained at git |",
+    lines = ["| method | AP | AP50 | AP75 | APs | APm | APl | AP per seed | gap closed | train min (threads) "
+             "| trained at git |",
              "|" + "---|" * 11]
     for r in rows:
         gap = "" if r["gap_closed"] is None else f"{r['gap_closed']:.2f}"

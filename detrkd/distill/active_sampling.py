@@ -187,7 +187,8 @@ class ActiveSampling(DistillMethod):
     hidden / dim / mlp_layers: ASM sizes (``dim`` defaults to ``hidden``); heads: attention heads
     (samples averaged over heads); points: "teacher" | "teacher+student" | "random";
     temperature: T of the distillation sampling weights (Eq. 15; the sampling loss uses 1);
-    class_kd: "auto" (by the student's head) | "kl" | "bernoulli"; sampling_weight / bbox_weight / cls_weight: loss weights;
+    class_kd: "auto" (by the student's head) | "kl" | "bernoulli"; sampling_weight / bbox_weight /
+    cls_weight: loss weights;
     rebalance: weight points by the teacher's confidence (module docstring); layers: "last" | "all";
     asm_lr / asm_warmup: the ASM's peak learning rate (None: the student's) and warm-up.
     ``num_classes`` is taken from ``teacher`` when not given.
