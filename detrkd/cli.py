@@ -242,7 +242,9 @@ def _add_bench(sub: Any, common: argparse.ArgumentParser) -> None:
     acc.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="K",
                      help="train every row but the teacher once per seed; rows report the mean (default 0)")
     acc.add_argument("--threads", type=int, help="torch threads of each run started now (default: the configs')")
-    acc.add_argument("--only", nargs="+", metavar="ROW", help="train only these rows of the suite now")
+    acc.add_argument("--only", nargs="*", metavar="ROW",
+                     help="train only these rows of the suite now (with no ROW: none but the teacher and no-KD "
+                          "rows; finished rows are reported either way)")
     acc.add_argument("--out", type=Path, help="result file (default benchmarks/results/[paper/]<suite>.json, "
                                               "accuracy.json for all)")
     acc.set_defaults(func=cmd_bench_accuracy)

@@ -171,3 +171,10 @@ def test_a_row_another_process_trains_is_busy_and_waited_for(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_only_with_no_rows_trains_none_of_the_suites_rows():
+    from detrkd.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "accuracy", "--suite", "all", "--setting", "paper", "--only"])
+    assert args.only == [] and args.setting == "paper"
