@@ -58,10 +58,10 @@ from tqdm.auto import tqdm
 from detrkd.checkpoint import (BEST, LAST, load_checkpoint, load_model_entries, model_entries,
                                rng_state, save_checkpoint, set_rng_state)
 from detrkd.config import ConfigError, OptimConfig, TrainConfig, config_to_dict, dump_config
+from detrkd.distributed import (all_gather, any_flags, barrier, broadcast_from_main, check_no_accelerate_state,
+                                detection_loss, init_distributed, local_device, mean_values, shard, world)
 from detrkd.errors import NonFiniteLossError, TrainingError, TrainingInterrupted  # noqa: F401 (re-exported)
 from detrkd.models.base import NonFinitePredictions
-from detrkd.distributed import (all_gather, any_flags, barrier, broadcast_from_main, check_no_accelerate_state, detection_loss,
-                                init_distributed, local_device, mean_values, shard, world)
 from detrkd.provenance import PROVENANCE_FILE, append_run_record, resume_command
 from detrkd.runlock import RunLock, RunLocked
 
