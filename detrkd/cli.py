@@ -193,9 +193,9 @@ def _add_export(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """``detrkd export``."""
-    from detrkd.export import export_checkpoint
-
     import shlex
+
+    from detrkd.export import export_checkpoint
 
     command = shlex.join(["detrkd", "export", "--checkpoint", str(args.checkpoint), "--out", str(args.out),
                           "--dtype", args.dtype])
@@ -347,7 +347,7 @@ def _one_line_warning(message: Warning | str, category: type[Warning], filename:
                       file: Any = None, line: str | None = None) -> None:
     """``warnings.showwarning`` for the CLI: 'detrkd: warning: MESSAGE' on one line, no source echo
     (``--debug`` keeps Python's own format)."""
-    print(f"detrkd: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+    print(f"detrkd: warning: {_one_line(message)}", file=file or sys.stderr)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -393,12 +393,12 @@ def student_overrides(student: str | None) -> list[tuple[str, Any]]:
         return []
     path = Path(student)
     if path.is_dir():
-        from detrkd.models import family_of_model_type
+        from detrkd.models import family_of_pretrained_dir
 
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise ConfigError(f"--student {student}: a directory without config.json is not a from_pretrained dir")
-        family = family_of_model_type(json.loads(config_file.read_text()).get("model_type"))
+        try:
+            family = family_of_pretrained_dir(path)
+        except (FileNotFoundError, ValueError) as exc:
+            raise ConfigError(f"--student {student}: {exc}") from None
         return [("model.family", family), ("model.pretrained", str(path)), ("model.preset", None)]
     family, sep, preset = student.partition(":")
     if not sep or not family or not preset:

@@ -179,7 +179,7 @@ def to_rgb8(image: Image.Image) -> Image.Image:
     return gray.convert("RGB")
 
 
-def _undecodable(images: list[dict], paths: list[Path]) -> list[tuple[int, str]]:
+def _undecodable(paths: list[Path]) -> list[tuple[int, str]]:
     """(index, reason) of the image files PIL cannot open or ``verify`` (truncated, not an image)."""
     bad = []
     for i, file in enumerate(paths):
@@ -195,7 +195,7 @@ def _drop_bad_images(images: list[dict], paths: list[Path], anns: list[dict], im
                      policy: str) -> tuple[list[dict], list[Path], list[dict]]:
     """Apply ``on_bad_image``: an error naming the first undecodable files, or those images and
     their annotations left out with one warning."""
-    bad = _undecodable(images, paths)
+    bad = _undecodable(paths)
     if not bad:
         return images, paths, anns
     first = "; ".join(f"{paths[i]} (image id {images[i]['id']}): {why}" for i, why in bad[:_EXAMPLES])

@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ADAPTERS", "PRESETS", "DetectorOutput", "DetrAdapter", "EncoderMemory", "Predictions",
            "PresetSize", "Queries", "adapter_class", "build_detector", "count_hooks",
-           "detector_from_state", "family_of_model_type", "hf_state_dict", "load_detector", "preset_size",
-           "save_detector"]
+           "detector_from_state", "family_of_model_type", "family_of_pretrained_dir", "hf_state_dict",
+           "load_detector", "preset_size", "save_detector"]
 
 
 def adapter_class(family: str) -> type[DetrAdapter]:
@@ -118,15 +118,20 @@ def load_detector(path: str | Path, class_names: Sequence[str] | None = None) ->
     return adapter
 
 
-def _load_pretrained_dir(path: Path, class_names: Sequence[str] | None = None) -> DetrAdapter:
-    config_file = path / "config.json"
+def family_of_pretrained_dir(path: Path) -> str:
+    """The detrkd family of a ``from_pretrained`` directory, from its config.json's ``model_type``."""
+    config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} is a directory without config.json: not a from_pretrained dir")
-    saved = json.loads(config_file.read_text())
     try:
-        cls = adapter_class(family_of_model_type(saved.get("model_type")))
+        return family_of_model_type(json.loads(config_file.read_text()).get("model_type"))
     except ValueError as exc:
         raise ValueError(f"{config_file}: {exc}") from exc
+
+
+def _load_pretrained_dir(path: Path, class_names: Sequence[str] | None = None) -> DetrAdapter:
+    cls = adapter_class(family_of_pretrained_dir(path))
+    saved = json.loads((path / "config.json").read_text())
     import torch
     import transformers
     from transformers import AutoModelForObjectDetection
