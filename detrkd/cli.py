@@ -188,6 +188,9 @@ def _add_export(sub: Any, common: argparse.ArgumentParser) -> None:
     ex.add_argument("--out", required=True, type=Path, help="the directory to write (must not exist or be empty)")
     ex.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                     help="weight dtype (default float32; detrkd loads any of them as float32)")
+    ex.add_argument("--with-run-files", action="store_true",
+                    help="also copy the run's config.yaml, metrics.jsonl and provenance.jsonl (what a "
+                         "shipped teacher carries: how it was trained)")
     ex.set_defaults(func=cmd_export)
 
 
@@ -198,8 +201,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from detrkd.export import export_checkpoint
 
     command = shlex.join(["detrkd", "export", "--checkpoint", str(args.checkpoint), "--out", str(args.out),
-                          "--dtype", args.dtype])
-    record = export_checkpoint(args.checkpoint, args.out, args.dtype, command=command)
+                          "--dtype", args.dtype] + (["--with-run-files"] if args.with_run_files else []))
+    record = export_checkpoint(args.checkpoint, args.out, args.dtype, command=command, run_files=args.with_run_files)
     print(f"exported {record['source']} (step {record['global_step']}, {record['family']}, {args.dtype}) "
           f"-> {args.out}")
     return 0

@@ -10,6 +10,7 @@ teacher, a student's ``model.pretrained`` or a ``--checkpoint``; transformers lo
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from detrkd.checkpoint import BEST, LAST, CheckpointError, load_checkpoint, load_model_entries
-from detrkd.provenance import git_sha, read_records
+from detrkd.provenance import RUN_FILES, git_sha, read_records
 
 EXPORT_INFO = "detrkd_export.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -36,10 +37,21 @@ def resolve_checkpoint(path: Path) -> Path:
     return path
 
 
-def export_checkpoint(source: Path, out: Path, dtype: str = "float32", command: str | None = None) -> dict[str, Any]:
+def _usual_modes(directory: Path) -> None:
+    """The modes a hand-made directory would have (mkdtemp makes it 0700, safetensors its file 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.iterdir():
+        path.chmod(0o666 & ~umask)
+
+
+def export_checkpoint(source: Path, out: Path, dtype: str = "float32", command: str | None = None,
+                      run_files: bool = False) -> dict[str, Any]:
     """Write ``source`` (run dir or .pt) as a ``from_pretrained`` directory ``out`` (created; it
     must not hold files yet), weights in ``dtype``; atomic: written beside and renamed. Returns
-    the ``detrkd_export.json`` record (``command``: the export's own command line, recorded)."""
+    the ``detrkd_export.json`` record (``command``: the export's own command line, recorded).
+    ``run_files``: also copy the run's ``RUN_FILES`` (a shipped teacher's evidence)."""
     from detrkd.models import detector_from_state, save_detector
     from detrkd.models.processors import image_processor
 
@@ -65,6 +77,10 @@ def export_checkpoint(source: Path, out: Path, dtype: str = "float32", command: 
         image_size = int(((state.get("config") or {}).get("data") or {}).get("image_size", 256))
         image_processor(state["family"], image_size).save_pretrained(staging)
         (staging / EXPORT_INFO).write_text(json.dumps(record, indent=2, default=str) + "\n")
+        for name in RUN_FILES if run_files else ():
+            if (run_dir / name).is_file():
+                shutil.copyfile(run_dir / name, staging / name)
+        _usual_modes(staging)
         if out.exists():
             out.rmdir()
         staging.rename(out)

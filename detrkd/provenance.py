@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 PROVENANCE_FILE = "provenance.jsonl"
+RUN_FILES = ("config.yaml", "metrics.jsonl", PROVENANCE_FILE)  # how a run was trained (what a shipped model carries)
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
 

@@ -55,6 +55,23 @@ def test_export_refuses_a_non_empty_directory_and_a_missing_run(run, tmp_path, c
     assert "checkpoint not found" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
+def test_export_with_run_files_ships_what_the_run_was_trained_with(run, tmp_path):
+    """--with-run-files: the run's config.yaml / metrics.jsonl / provenance.jsonl beside the weights
+    (what a shipped teacher carries); the directory is readable by others like any made by hand."""
+    import os
+    import stat
+
+    out = tmp_path / "shipped"
+    assert main(["export", "--checkpoint", str(run), "--out", str(out), "--with-run-files"]) == 0
+    for name in ("config.yaml", "metrics.jsonl", "provenance.jsonl"):
+        assert (out / name).read_bytes() == (run / name).read_bytes()
+    info = json.loads((out / "detrkd_export.json").read_text())
+    assert info["command"].endswith("--with-run-files")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o666 & ~umask}
+
 @pytest.mark.parametrize("family", ["detr", "conditional_detr", "dab_detr", "deformable_detr", "rt_detr",
                                     "rt_detr_v2", "d_fine"])
 def test_a_saved_detector_loads_in_transformers_without_missing_or_unexpected_keys(tmp_path, family):
