@@ -138,11 +138,14 @@ def _torch_load(path: Path, map_location: str | torch.device) -> Any:
 
 # ---- model weights -----------------------------------------------------------------------
 def model_entries(model: torch.nn.Module) -> dict[str, Any]:
-    """``model`` / ``family`` / ``hf_config`` entries for a detector adapter or any module."""
+    """``model`` / ``family`` / ``hf_config`` / ``pixels`` (how its inputs were made) entries for a
+    detector adapter or any module."""
     family = getattr(model, "family", None)
     inner = getattr(model, "model", None)
     if isinstance(family, str) and isinstance(inner, torch.nn.Module) and hasattr(inner, "config"):
-        return {"model": inner.state_dict(), "family": family, "hf_config": inner.config.to_dict()}
+        pixels = getattr(model, "pixels", None)
+        return {"model": inner.state_dict(), "family": family, "hf_config": inner.config.to_dict(),
+                "pixels": None if pixels is None else pixels.as_dict()}
     return {"model": model.state_dict(), "family": None, "hf_config": None}
 
 

@@ -160,7 +160,7 @@ def _add_checkpoint_on_data(parser: argparse.ArgumentParser, verb: str) -> None:
                         help="a detrkd checkpoint (.pt) or a HF from_pretrained directory")
     parser.add_argument("--data", help="dataset root (default: the checkpoint's training data)")
     parser.add_argument("--split", default="val", choices=("train", "val"), help="split (default val)")
-    parser.add_argument("--image-size", type=int, help="shorter image side (default: checkpoint's, else 256)")
+    parser.add_argument("--image-size", type=int, help="the side fed to the model (default: the model's own preprocessing)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
     parser.add_argument("--max-images", type=int, help=f"{verb} only the first N images")
     parser.add_argument("--device", default="cpu", help="device (default cpu)")
@@ -173,7 +173,7 @@ def _add_predict(sub: Any, common: argparse.ArgumentParser) -> None:
     pr.add_argument("--image", required=True, type=Path, help="input image")
     pr.add_argument("--out", required=True, type=Path, help="output PNG")
     pr.add_argument("--threshold", type=float, default=0.3, help="minimum score to draw (default 0.3)")
-    pr.add_argument("--image-size", type=int, help="shorter side fed to the model (default: checkpoint's, else 256)")
+    pr.add_argument("--image-size", type=int, help="the side fed to the model (default: the model's own preprocessing)")
     pr.add_argument("--device", default="cpu", help="device (default cpu)")
     pr.set_defaults(func=cmd_predict)
 
@@ -556,7 +556,9 @@ def detector_on_split(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
     model, run_config = load_for_inference(args.checkpoint, args.device)
     data = eval_data_config(args, run_config)
     images, ann = data.split_paths(args.split)
-    dataset = CocoDetection(images, ann, transforms_for(model.family, "val", data),
+    from detrkd.models.processors import inference_pixels
+
+    dataset = CocoDetection(images, ann, transforms_for(inference_pixels(model, args.image_size), "val", data),
                             invalid_boxes=data.invalid_boxes, on_bad_image=data.on_bad_image)
     if dataset.num_classes != model.num_classes:
         raise ValueError(f"the detector has {model.num_classes} classes but {ann} has {dataset.num_classes}")
@@ -649,8 +651,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model, run_config = load_for_inference(args.checkpoint, args.device)
     with Image.open(args.image) as im:
         image = to_rgb8(im)
-    detections = predict_image(model, image, _image_size(args.image_size, run_config), args.device,
-                               args.threshold)
+    detections = predict_image(model, image, args.image_size, args.device, args.threshold)
     names = class_names(model)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "json":

@@ -49,6 +49,12 @@ class ModelConfig:
     pretrained: str | None = None
     # extra HF config keys passed to the family's config (e.g. {dropout: 0.0})
     overrides: dict[str, Any] = field(default_factory=dict)
+    # the model's input pixels (``models.processors``): "auto" = what its own image processor makes
+    # (a pretrained directory's preprocessor_config.json, a checkpoint's recorded pixels, else the
+    # family's transformers default rescale / normalisation at data.image_size); "imagenet" =
+    # ImageNet mean / std at data.image_size for every family (detrkd's rule before per-model
+    # preprocessing; the digits benchmark configs keep it)
+    pixels: Literal["auto", "imagenet"] = "auto"
 
     def __post_init__(self) -> None:
         _check(self.preset is not None or bool(self.pretrained),

@@ -255,7 +255,19 @@ def truncate_metrics(path: Path, step: int) -> None:
 # config keys (or sections) a resumed run cannot change: the run would silently mix two
 # experiments (data order and RNG follow the seed, the weights the model and teacher)
 FIXED_ON_RESUME = ("seed", "teacher", "model.family", "model.preset", "model.backbone", "model.num_queries",
-                   "data.batch_size")
+                   "model.pixels", "data.batch_size")
+# keys a run's stored config may predate, with the value that was in force before they existed
+PREDATED = {"model.pixels": "imagenet"}
+
+
+def with_predated(config: dict[str, Any]) -> dict[str, Any]:
+    """A stored run config with the ``PREDATED`` keys it lacks filled in (what it ran with)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
+    for key, value in PREDATED.items():
+        section, name = key.split(".")
+        if isinstance(out.get(section), dict):
+            out[section].setdefault(name, value)
+    return out
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, list[Any]]:
@@ -479,7 +491,7 @@ class Trainer:
         otherwise keep, are set from the config (``_apply_optim_config``)."""
         state = load_checkpoint(path, map_location=self.device)
         self._check_resumable(state, path)
-        changes = config_changes(state.get("config") or {}, config_to_dict(self.config))
+        changes = config_changes(with_predated(state.get("config") or {}), config_to_dict(self.config))
         fixed = {k: v for k, v in changes.items() if k.split(".")[0] in FIXED_ON_RESUME or k in FIXED_ON_RESUME}
         if fixed:
             said = ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in fixed.items())
@@ -836,44 +848,65 @@ def detector_loss(model: nn.Module) -> DetectorLoss:
 
 
 def make_detector(config: TrainConfig, num_classes: int, class_names: Sequence[str] | None = None) -> nn.Module:
-    """Build the configured detector (random init or ``model.pretrained``)."""
+    """Build the configured detector (random init or ``model.pretrained``), with its ``pixels``."""
     from detrkd.models import build_detector, load_detector
 
     mcfg = config.model
     if mcfg.pretrained:  # a from_pretrained dir with other classes gets new class heads (load_detector)
-        model = load_detector(mcfg.pretrained, class_names)
+        model = load_detector(mcfg.pretrained, class_names, config.data.image_size)
         if model.num_classes != num_classes:
             raise TrainingError(f"model.pretrained {mcfg.pretrained} has {model.num_classes} classes, "
                                 f"the data has {num_classes}: a detrkd checkpoint is loaded as it is; "
                                 f"`detrkd export` it to a directory to start from it with new class heads")
-        return model
-    overrides = dict(mcfg.overrides)
-    if mcfg.num_queries is not None:
-        overrides["num_queries"] = mcfg.num_queries
-    if class_names is not None:
-        overrides.setdefault("id2label", {i: name for i, name in enumerate(class_names)})
-        overrides.setdefault("label2id", {name: i for i, name in enumerate(class_names)})
-    return build_detector(mcfg.family, mcfg.preset, num_classes, backbone=mcfg.backbone, **overrides)
+    else:
+        overrides = dict(mcfg.overrides)
+        if mcfg.num_queries is not None:
+            overrides["num_queries"] = mcfg.num_queries
+        if class_names is not None:
+            overrides.setdefault("id2label", {i: name for i, name in enumerate(class_names)})
+            overrides.setdefault("label2id", {name: i for i, name in enumerate(class_names)})
+        model = build_detector(mcfg.family, mcfg.preset, num_classes, backbone=mcfg.backbone, **overrides)
+    model.pixels = config_pixels(config)
+    return model
 
 
-def transforms_for(family: str, split: str, data: Any) -> Any:
-    """The standard transforms of ``split`` for a detector family (square inputs where the
-    family ignores the pixel mask) under a ``DataConfig``."""
-    from detrkd.data.transforms import make_transforms
-    from detrkd.models import adapter_class
+def config_pixels(config: TrainConfig) -> Any:
+    """The configured model's ``Pixels`` (``model.pixels``, ``models.processors``), without building it."""
+    from detrkd.models import family_of_pretrained_dir
+    from detrkd.models.processors import checkpoint_pixels, dir_pixels, family_pixels, imagenet_pixels
 
-    square = not adapter_class(family).uses_pixel_mask
-    return make_transforms(split, data.image_size, hflip=data.hflip, square=square)
+    mcfg, size = config.model, config.data.image_size
+    pretrained = Path(mcfg.pretrained) if mcfg.pretrained else None
+    family = family_of_pretrained_dir(pretrained) if pretrained and pretrained.is_dir() else mcfg.family
+    if mcfg.pixels == "imagenet":
+        return imagenet_pixels(family, size)
+    if pretrained is None:
+        return family_pixels(family, size)
+    if pretrained.is_dir():
+        return dir_pixels(pretrained, family, size)
+    from detrkd.checkpoint import load_checkpoint
+
+    return checkpoint_pixels(load_checkpoint(pretrained))
+
+
+def transforms_for(pixels: Any, split: str, data: Any, views: dict[str, Any] | None = None) -> Any:
+    """The standard transforms of ``split`` for a model fed ``pixels`` (``data.transforms.Pixels``)
+    under a ``DataConfig``; ``views``: other models' pixels of the same images (train only)."""
+    from detrkd.data.transforms import pixel_transforms
+
+    return pixel_transforms(split, pixels, hflip=data.hflip, views=views if split == "train" else None)
 
 
 def make_datasets(config: TrainConfig, splits: Sequence[str] = ("train", "val")) -> dict[str, Any]:
-    """``CocoDetection`` datasets of ``splits`` with their standard transforms."""
+    """``CocoDetection`` datasets of ``splits`` with the standard transforms of the configured
+    model's pixels (``config_pixels``)."""
     from detrkd.data.coco import CocoDetection
 
+    pixels = config_pixels(config)
     out = {}
     for split in splits:
         images, ann = config.data.split_paths(split)
-        out[split] = CocoDetection(images, ann, transforms_for(config.model.family, split, config.data),
+        out[split] = CocoDetection(images, ann, transforms_for(pixels, split, config.data),
                                    skip_empty=config.data.skip_empty and split == "train",
                                    invalid_boxes=config.data.invalid_boxes, on_bad_image=config.data.on_bad_image)
         check_split(out[split], split, ann)

@@ -53,7 +53,7 @@ def export_checkpoint(source: Path, out: Path, dtype: str = "float32", command: 
     the ``detrkd_export.json`` record (``command``: the export's own command line, recorded).
     ``run_files``: also copy the run's ``RUN_FILES`` (a shipped teacher's evidence)."""
     from detrkd.models import detector_from_state, save_detector
-    from detrkd.models.processors import image_processor
+    from detrkd.models.processors import checkpoint_pixels
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -73,9 +73,8 @@ def export_checkpoint(source: Path, out: Path, dtype: str = "float32", command: 
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         model.model.to(DTYPES[dtype])
-        save_detector(model, staging)
-        image_size = int(((state.get("config") or {}).get("data") or {}).get("image_size", 256))
-        image_processor(state["family"], image_size).save_pretrained(staging)
+        model.pixels = checkpoint_pixels(state)
+        save_detector(model, staging)  # with the image processor of its pixels
         (staging / EXPORT_INFO).write_text(json.dumps(record, indent=2, default=str) + "\n")
         for name in RUN_FILES if run_files else ():
             if (run_dir / name).is_file():

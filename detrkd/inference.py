@@ -1,6 +1,6 @@
 """Running a detector on one image and drawing or writing what it found (``detrkd predict``).
 
-    detections = predict_image(model, image, image_size=256, device="cpu", threshold=0.3)
+    detections = predict_image(model, image, image_size=None, device="cpu", threshold=0.3)
     draw_detections(image, detections, class_names(model)).save("out.png")
 
 A detection is ``{"label": int, "score": float, "box": [x0, y0, x1, y1]}`` in pixels of the image.
@@ -16,15 +16,17 @@ PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 13
 HEADER = ("label", "score", "x0", "y0", "x1", "y1")
 
 
-def predict_image(model: Any, image: Any, image_size: int, device: str, threshold: float) -> list[dict[str, Any]]:
-    """Detections of a PIL ``image`` with score >= ``threshold`` (module docstring: the dicts)."""
+def predict_image(model: Any, image: Any, image_size: int | None, device: str, threshold: float) -> list[dict[str, Any]]:
+    """Detections of a PIL ``image`` with score >= ``threshold`` (module docstring: the dicts), fed
+    as the model's own pixels (``processors.inference_pixels``; ``image_size``: another size)."""
     import torch
 
     from detrkd.data.collate import collate
-    from detrkd.data.transforms import make_transforms
+    from detrkd.data.transforms import pixel_transforms
     from detrkd.evaluation import postprocess
+    from detrkd.models.processors import inference_pixels
 
-    transforms = make_transforms("val", image_size, square=not model.uses_pixel_mask)
+    transforms = pixel_transforms("val", inference_pixels(model, image_size))
     hw = torch.tensor([image.height, image.width])
     target = {"boxes": torch.zeros(0, 4), "class_labels": torch.zeros(0, dtype=torch.long),
               "image_id": 0, "orig_size": hw, "size": hw.clone()}

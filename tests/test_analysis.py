@@ -19,6 +19,7 @@ from detrkd.data.collate import collate
 from detrkd.data.digits import make_digits_dataset
 from detrkd.distill.query_selection import TABLE1_THRESHOLDS, group_query_selection
 from detrkd.engine import transforms_for
+from detrkd.models.processors import imagenet_pixels
 from detrkd.models import build_detector, save_detector
 
 IMAGE_SIZE = 128
@@ -50,7 +51,7 @@ def dataset(root) -> CocoDetection:
 
     data = DataConfig(root=str(root), image_size=IMAGE_SIZE)
     images, ann = data.split_paths("val")
-    return CocoDetection(images, ann, transforms_for("rt_detr", "val", data))
+    return CocoDetection(images, ann, transforms_for(imagenet_pixels("rt_detr", IMAGE_SIZE), "val", data))
 
 
 def loader(dataset: CocoDetection, batch_size: int) -> DataLoader:

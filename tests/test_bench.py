@@ -186,6 +186,7 @@ def test_the_shipped_teacher_detects_digits_and_says_how_it_was_made(tmp_path, c
     from safetensors import safe_open
 
     from detrkd.bench.accuracy import PRESETS, SHIPPED_TEACHER
+    from detrkd.engine import with_predated
     from detrkd.provenance import RUN_FILES
 
     assert PRESETS["quick"].teacher == SHIPPED_TEACHER
@@ -194,7 +195,7 @@ def test_the_shipped_teacher_detects_digits_and_says_how_it_was_made(tmp_path, c
     assert info["command"].startswith("detrkd export --checkpoint runs/digits_teacher/last.pt")
     trained = [r["argv"] for r in info["provenance"]]
     assert trained and all("configs/digits_teacher.yaml" in argv for argv in trained)
-    config = yaml.safe_load((SHIPPED_TEACHER / "config.yaml").read_text())
+    config = with_predated(yaml.safe_load((SHIPPED_TEACHER / "config.yaml").read_text()))  # (model.pixels)
     assert config["model"] == {**load_config(REPO / "configs/digits_teacher.yaml").model.__dict__, **config["model"]}
     with safe_open(SHIPPED_TEACHER / "model.safetensors", "pt") as weights:
         assert {weights.get_slice(k).get_dtype() for k in weights.keys()} == {"F16", "I64"}  # I64: BN counters

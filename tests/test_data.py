@@ -547,7 +547,9 @@ def test_hflip_off_never_mirrors():
 def test_engine_picks_square_inputs_for_mask_blind_families():
     from detrkd.config import DataConfig
     from detrkd.engine import transforms_for
+    from detrkd.models.processors import family_pixels, imagenet_pixels
 
     data = DataConfig(root=".", image_size=64, hflip=False)
-    assert "SquareResize" in repr(transforms_for("rt_detr", "val", data).transforms)
-    assert "SquareResize" not in repr(transforms_for("deformable_detr", "val", data).transforms)
+    for pixels in (family_pixels, imagenet_pixels):
+        assert "SquareResize" in repr(transforms_for(pixels("rt_detr", 64), "val", data).transforms)
+        assert "SquareResize" not in repr(transforms_for(pixels("deformable_detr", 64), "val", data).transforms)

@@ -100,7 +100,10 @@ def fixed_batch(batch_size: int, image_size: int, data: Path | None, num_classes
     from ..engine import transforms_for
 
     config = DataConfig(root=str(data), image_size=image_size)
-    dataset = CocoDetection(*config.split_paths("train"), transforms_for(family, "val", config))
+    from ..models.processors import imagenet_pixels
+
+    # the digits benchmark's pixels (configs/digits_*.yaml: model.pixels imagenet)
+    dataset = CocoDetection(*config.split_paths("train"), transforms_for(imagenet_pixels(family, image_size), "val", config))
     return collate([dataset[i] for i in range(batch_size)])
 
 

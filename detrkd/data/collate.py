@@ -21,12 +21,24 @@ def collate(batch: Sequence[tuple[Tensor, dict[str, Any]]], pad_to_multiple: int
         pixel_values float [B, 3, H, W]: images at the top-left, zeros in the padding,
         pixel_mask   long  [B, H, W]: 1 = real pixel, 0 = padding,
         labels       list of B target dicts, unchanged (boxes stay normalised to the un-padded image),
+        NAME_pixel_values / NAME_pixel_mask: the same for each view NAME the targets carry
+                     (``transforms.Views``: ``target["views"]``, removed from the labels),
     ) where H, W are the largest image sides rounded up to ``pad_to_multiple`` (None or 1: no rounding).
     Use ``functools.partial(collate, pad_to_multiple=...)`` to change it in a DataLoader.
     """
     if len(batch) == 0:
         raise ValueError("collate got an empty batch")
-    images = [item[0] for item in batch]
+    labels = [dict(item[1]) for item in batch]
+    views = [label.pop("views", {}) for label in labels]
+    pixel_values, pixel_mask = pad_images([item[0] for item in batch], pad_to_multiple)
+    out = {"pixel_values": pixel_values, "pixel_mask": pixel_mask, "labels": labels}
+    for name in views[0]:
+        out[f"{name}_pixel_values"], out[f"{name}_pixel_mask"] = pad_images([v[name] for v in views], pad_to_multiple)
+    return out
+
+
+def pad_images(images: Sequence[Tensor], pad_to_multiple: int | None = 32) -> tuple[Tensor, Tensor]:
+    """Images [3, H_i, W_i] -> (float [B, 3, H, W] padded bottom / right with zeros, long [B, H, W] mask)."""
     for i, img in enumerate(images):
         if not (isinstance(img, Tensor) and img.ndim == 3):
             raise ValueError(f"batch item {i}: expected an image tensor [C, H, W], got {getattr(img, 'shape', type(img))}")
@@ -42,4 +54,4 @@ def collate(batch: Sequence[tuple[Tensor, dict[str, Any]]], pad_to_multiple: int
     for i, img in enumerate(images):
         pixel_values[i, :, : img.shape[1], : img.shape[2]] = img
         pixel_mask[i, : img.shape[1], : img.shape[2]] = 1
-    return {"pixel_values": pixel_values, "pixel_mask": pixel_mask, "labels": [item[1] for item in batch]}
+    return pixel_values, pixel_mask

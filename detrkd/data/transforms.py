@@ -18,7 +18,8 @@ Randomness comes only from torch's RNG (``torch.rand``/``torch.randint``), so
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Literal, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +39,9 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "Compose",
+    "Pixels",
+    "Views",
+    "pixel_transforms",
     "RandomHorizontalFlip",
     "RandomResize",
     "Resize",
@@ -198,20 +202,25 @@ class RandomResize:
 
 
 class ToTensorNormalize:
-    """Final step: image -> float [3, H, W] normalised with ``mean``/``std``; boxes absolute xyxy
-    -> normalised cxcywh in [0, 1] of the current (h, w); ``target['size']`` set to (h, w).
-
-    PIL images and uint8 tensors are scaled by 1/255; float tensors are assumed to be in [0, 1].
+    """Final step: image -> float [3, H, W], rescaled (``rescale``: uint8 / PIL pixels times it,
+    1/255 by default) and normalised with ``mean``/``std`` (None: not normalised, as transformers'
+    RT-DETR / D-FINE processors do); boxes absolute xyxy -> normalised cxcywh in [0, 1] of the
+    current (h, w); ``target['size']`` set to (h, w). Float tensors are taken as already rescaled.
     """
 
-    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    def __init__(self, mean: Sequence[float] | None = IMAGENET_MEAN, std: Sequence[float] | None = IMAGENET_STD,
+                 rescale: float = 1 / 255):
+        if (mean is None) != (std is None):
+            raise ValueError("ToTensorNormalize: give both mean and std, or neither (no normalisation)")
+        self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = None if std is None else torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.rescale = float(rescale)
 
     def __call__(self, image: ImageLike, target: Target) -> tuple[Tensor, Target]:
         h, w = _hw(image)
         pixels = self._to_float(image)
-        pixels = (pixels - self.mean) / self.std
+        if self.mean is not None:
+            pixels = (pixels - self.mean) / self.std
         boxes = target["boxes"].to(torch.float32)
         if boxes.numel():
             boxes = boxes / torch.tensor([w, h, w, h], dtype=torch.float32)
@@ -220,19 +229,85 @@ class ToTensorNormalize:
             boxes = boxes.reshape(0, 4)
         return pixels, _with(target, boxes=boxes, size=torch.tensor([h, w], dtype=torch.long))
 
-    @staticmethod
-    def _to_float(image: ImageLike) -> Tensor:
+    def _to_float(self, image: ImageLike) -> Tensor:
         if isinstance(image, Image.Image):
             from detrkd.data.coco import to_rgb8  # (coco imports this module)
 
             array = np.asarray(to_rgb8(image), dtype=np.uint8)
-            return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+            return self._scaled(torch.from_numpy(array.copy()).permute(2, 0, 1).float())
         if image.dtype == torch.uint8:
-            return image.float() / 255.0
+            return self._scaled(image.float())
         return image.float()
 
+    def _scaled(self, pixels: Tensor) -> Tensor:
+        if self.rescale == 1 / 255:  # as every run before ``rescale`` existed did it (bit for bit)
+            return pixels.div_(255.0)
+        return pixels.mul_(self.rescale)
+
     def __repr__(self) -> str:
-        return f"ToTensorNormalize(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
+        if self.mean is None:
+            return f"ToTensorNormalize(mean=None, std=None, rescale={self.rescale})"
+        return (f"ToTensorNormalize(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}, "
+                f"rescale={self.rescale})")
+
+
+@dataclass(frozen=True)
+class Pixels:
+    """How one model's inputs are made from an image (what its transformers image processor does).
+
+    square:   True: resized to ``size`` x ``size`` (aspect not kept), never padded (families that
+              ignore the pixel mask: RT-DETR v1 / v2, D-FINE); False: the shorter side to ``size``,
+              the longer at most ``max_size``, padded in a batch with a pixel mask (DETR-style).
+    rescale:  uint8 pixels are multiplied by it (1/255: [0, 1]).
+    mean/std: per-channel normalisation after rescaling; None: not normalised.
+    """
+
+    size: int
+    square: bool
+    max_size: int | None = None
+    mean: tuple[float, ...] | None = IMAGENET_MEAN
+    std: tuple[float, ...] | None = IMAGENET_STD
+    rescale: float = 1 / 255
+
+    def __post_init__(self) -> None:
+        if self.square:  # no longer side to cap: one spelling of each recipe, so that equal means equal
+            object.__setattr__(self, "max_size", None)
+
+    def to_tensor(self) -> ToTensorNormalize:
+        return ToTensorNormalize(self.mean, self.std, self.rescale)
+
+    def resize(self) -> Callable[[ImageLike, Target], tuple[ImageLike, Target]]:
+        """The deterministic (evaluation) resize."""
+        return SquareResize(self.size) if self.square else Resize(self.size, self.max_size)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"size": self.size, "square": self.square, "max_size": self.max_size,
+                "mean": None if self.mean is None else list(self.mean),
+                "std": None if self.std is None else list(self.std), "rescale": self.rescale}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Pixels":
+        tup = (lambda v: None if v is None else tuple(float(x) for x in v))
+        return cls(int(d["size"]), bool(d["square"]), d.get("max_size"), tup(d.get("mean")), tup(d.get("std")),
+                   float(d.get("rescale", 1 / 255)))
+
+
+class Views:
+    """The same augmented image seen by several models: ``shared`` (augmentation, e.g. a flip)
+    once, then the ``main`` pipeline, and each named view's pipeline (its model's resize and
+    normalisation) on that same image: ``target["views"][name]`` = the view's float [3, h, w]
+    pixels. The boxes are the main pipeline's: normalised cxcywh do not change with a resize."""
+
+    def __init__(self, shared: Sequence[Callable[..., Any]], main: Compose, views: Mapping[str, Compose]):
+        self.shared, self.main, self.views = Compose(shared), main, dict(views)
+
+    def __call__(self, image: ImageLike, target: Target) -> tuple[Tensor, Target]:
+        image, target = self.shared(image, target)
+        pixels, out = self.main(image, target)
+        return pixels, _with(out, views={name: view(image, target)[0] for name, view in self.views.items()})
+
+    def __repr__(self) -> str:
+        return f"Views(shared={self.shared!r}, main={self.main!r}, views={self.views!r})"
 
 
 # DETR trains with shorter sides 480..800 (step 32) and evaluates at 800, long side <= 1333.
@@ -243,27 +318,36 @@ _MAX_SIZE_RATIO = 1333 / 800
 
 def make_transforms(split: Literal["train", "val"], image_size: int, hflip: bool = True,
                     square: bool = False) -> Compose:
-    """DETR-style pipelines sized for ``image_size`` (the shorter side at evaluation).
-
-    train: RandomHorizontalFlip(0.5) (if ``hflip``) -> RandomResize(shorter side in 0.75x..1.25x image_size,
-           multiples of 8) -> ToTensorNormalize
-    val:   Resize(image_size) -> ToTensorNormalize
-    Both cap the longer side at round(image_size * 1333 / 800), as DETR does for 800 px.
-    square=True (families that ignore the pixel mask): SquareResize(image_size) in both splits,
-    no multi-scale, so batches are never padded.
-    """
+    """DETR-style pipelines sized for ``image_size`` with ImageNet normalisation (detrkd's recipe
+    for every family before per-model preprocessing): ``pixel_transforms`` of ``Pixels(image_size,
+    square, image_size * 1333 / 800)``."""
     if image_size <= 0:
         raise ValueError(f"image_size must be positive, got {image_size}")
-    max_size = int(math.ceil(image_size * _MAX_SIZE_RATIO))
+    return pixel_transforms(split, Pixels(image_size, square, int(math.ceil(image_size * _MAX_SIZE_RATIO))), hflip)
+
+
+def pixel_transforms(split: Literal["train", "val"], pixels: Pixels, hflip: bool = True,
+                     views: Mapping[str, Pixels] | None = None) -> Compose | Views:
+    """The pipeline of ``split`` for a model fed ``pixels``.
+
+    train: RandomHorizontalFlip(0.5) (if ``hflip``) -> RandomResize(shorter side in 0.75x..1.25x size,
+           multiples of 8, longer side <= max_size) -> ToTensorNormalize
+    val:   Resize(size, max_size) -> ToTensorNormalize
+    square pixels: SquareResize(size) in both splits, no multi-scale, so batches are never padded.
+    views: other models' pixels of the same (flipped) image (``Views``; a distillation teacher fed
+    by its own processor), each with its deterministic resize.
+    """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    if square:
-        flip = [RandomHorizontalFlip(0.5)] if hflip and split == "train" else []
-        return Compose([*flip, SquareResize(image_size), ToTensorNormalize()])
-    if split == "train":
-        sizes = sorted({max(8, int(round(image_size * s / 8)) * 8) for s in _TRAIN_SCALES})
-        flip = [RandomHorizontalFlip(0.5)] if hflip else []
-        return Compose([*flip, RandomResize(sizes, max_size), ToTensorNormalize()])
-    if split == "val":
-        return Compose([Resize(image_size, max_size), ToTensorNormalize()])
-    raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if pixels.size <= 0:
+        raise ValueError(f"image_size must be positive, got {pixels.size}")
+    flip = [RandomHorizontalFlip(0.5)] if hflip and split == "train" else []
+    if pixels.square or split == "val":
+        resize = pixels.resize()
+    else:
+        sizes = sorted({max(8, int(round(pixels.size * s / 8)) * 8) for s in _TRAIN_SCALES})
+        resize = RandomResize(sizes, pixels.max_size)
+    if not views:
+        return Compose([*flip, resize, pixels.to_tensor()])
+    return Views(flip, Compose([resize, pixels.to_tensor()]),
+                 {name: Compose([p.resize(), p.to_tensor()]) for name, p in views.items()})

@@ -175,6 +175,8 @@ class AGFD(DistillMethod):
     model) are excluded from the mask, the BN statistics and the mean.
     """
 
+    compares_memory = True
+
     needs_teacher_attention = True
 
     def __init__(self, teacher: DetrAdapter | int, student: DetrAdapter | int, mask: MaskKind = "gqs",

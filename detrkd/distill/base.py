@@ -78,6 +78,8 @@ class DistillMethod(nn.Module):
 
     needs_teacher_attention: ClassVar[bool] = False
     needs_student_attention: ClassVar[bool] = False
+    # compares the two encoder memories token by token: both models must see the same input grid
+    compares_memory: ClassVar[bool] = False
 
     def forward(self, ctx: DistillContext) -> dict[str, Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
@@ -121,12 +123,15 @@ class Distiller(nn.Module):
         return {name: m for name, m in self.methods.items() if any(True for _ in m.parameters())}
 
     def forward(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        """batch: ``collate`` output -> (total loss, {term name: weighted term})."""
+        """batch: ``collate`` output (with ``teacher_pixel_values`` / ``_mask`` where the teacher's
+        preprocessing differs from the student's) -> (total loss, {term name: weighted term})."""
         pixel_values, pixel_mask, targets = batch["pixel_values"], batch["pixel_mask"], batch["labels"]
         teacher_out = None
         if self.methods:  # no methods (no-KD): the teacher's output would go unused, so it is not run
+            # the teacher's own preprocessing of the same images where it differs (``transforms.Views``)
+            t_pixels, t_mask = batch.get("teacher_pixel_values", pixel_values), batch.get("teacher_pixel_mask", pixel_mask)
             with torch.no_grad(), record_function("detrkd::teacher"):
-                teacher_out = self.teacher(pixel_values, pixel_mask, with_attention=self._needs("teacher"))
+                teacher_out = self.teacher(t_pixels, t_mask, with_attention=self._needs("teacher"))
         with record_function("detrkd::student"):
             student_out = self.student(pixel_values, pixel_mask, labels=targets,
                                        with_attention=self._needs("student"))

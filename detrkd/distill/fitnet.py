@@ -52,6 +52,8 @@ class FitNet(DistillMethod):
     connector: "auto" | "always" | "none"; normalise: "none" | "batch_norm"; eps: for batch_norm.
     """
 
+    compares_memory = True
+
     def __init__(self, teacher: DetrAdapter | int, student: DetrAdapter | int, *,
                  levels: Literal["all"] | Sequence[int] = "all",
                  connector: Literal["auto", "always", "none"] = "auto",

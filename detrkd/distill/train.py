@@ -72,7 +72,7 @@ def load_teacher(config: DistillConfig, num_classes: int, class_names: Sequence[
     from ..models.relabel import align_classes
 
     try:
-        teacher = load_detector(config.teacher)
+        teacher = load_detector(config.teacher, image_size=config.data.image_size)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise ConfigError(f"teacher {config.teacher} is not a detector detrkd can load: {exc}") from exc
     if teacher.num_classes != num_classes:
@@ -86,6 +86,33 @@ def load_teacher(config: DistillConfig, num_classes: int, class_names: Sequence[
         except ValueError as exc:
             raise ConfigError(f"teacher {config.teacher}: {exc}") from None
     return teacher
+
+
+def feed_teacher(config: DistillConfig, train_set: Any, teacher: DetrAdapter, student: DetrAdapter) -> None:
+    """Where the teacher's preprocessing differs from the student's, its own view of every training
+    image (``transforms.Views``; same flip, boxes and content; its resize and normalisation) goes
+    with the batch; a method that compares the two encoder memories token by token then needs
+    the same input grid: ``ConfigError`` up front otherwise."""
+    from ..engine import transforms_for
+
+    if teacher.pixels == student.pixels:
+        return
+    t, s = teacher.pixels, student.pixels
+    if (t.size, t.square, t.max_size) != (s.size, s.square, s.max_size):
+        grid = sorted(name for name, spec in config.methods.items()
+                      if name in METHODS and method_class(name).compares_memory)
+        if grid:
+            raise ConfigError(f"methods {grid} compare the teacher's and the student's encoder memories token "
+                              f"by token, but the teacher {config.teacher} is fed {_geometry(t)} (its image "
+                              f"processor) and the student {_geometry(s)}: give them the same size "
+                              f"(data.image_size, or the teacher's preprocessor_config.json) or use "
+                              f"prediction-level methods")
+    log.info("the teacher is fed its own preprocessing (%s) and the student its own (%s)", t, s)
+    train_set.transforms = transforms_for(s, "train", config.data, {"teacher": t})
+
+
+def _geometry(p: Any) -> str:
+    return f"{p.size}x{p.size} px" if p.square else f"a shorter side of {p.size} px (longer <= {p.max_size})"
 
 
 def _named(model: DetrAdapter) -> bool:
@@ -109,6 +136,7 @@ def build_distill_trainer(config: DistillConfig, resume: bool = False, progress:
     num_classes = data["train"].num_classes
     student = make_detector(config, num_classes, data["train"].class_names)
     teacher = load_teacher(config, num_classes, data["train"].class_names)
+    feed_teacher(config, data["train"], teacher, student)
     if config.init_from_teacher and not resume:
         log.info("init_from_teacher: copied %d tensors", init_from_teacher(student, teacher))
     methods, weights = build_methods(config.methods, teacher, student)

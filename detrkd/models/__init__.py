@@ -91,19 +91,25 @@ def detector_from_state(family: str, hf_config: dict[str, Any]) -> DetrAdapter:
     return cls.from_config(AutoConfig.for_model(model_type, **config_dict))
 
 
-def load_detector(path: str | Path, class_names: Sequence[str] | None = None) -> DetrAdapter:
+def load_detector(path: str | Path, class_names: Sequence[str] | None = None, image_size: int = 256) -> DetrAdapter:
     """Load a detector from a HF ``save_pretrained`` directory or a detrkd checkpoint file.
 
     class_names: the categories the detector must predict (a dataset's, in label order). A
     ``from_pretrained`` directory with another class count gets its class heads re-initialised for
     them (transformers' ``ignore_mismatched_sizes``; everything else is loaded) and their names as
     ``id2label``; the log names the re-initialised tensors. A detrkd checkpoint is loaded as it is.
+    Its ``pixels`` are the directory's image processor's (``image_size``: the family default's size
+    when it has none) or the checkpoint's (``models.processors``).
     """
+    from .processors import checkpoint_pixels, dir_pixels
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no detector at {path}")
     if path.is_dir():
-        return _load_pretrained_dir(path, class_names)
+        adapter = _load_pretrained_dir(path, class_names)
+        adapter.pixels = dir_pixels(path, adapter.family, image_size)
+        return adapter
     from ..checkpoint import load_checkpoint
 
     state = load_checkpoint(path)
@@ -115,6 +121,7 @@ def load_detector(path: str | Path, class_names: Sequence[str] | None = None) ->
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from exc
     adapter.model.load_state_dict(state["model"])
+    adapter.pixels = checkpoint_pixels(state)
     return adapter
 
 
@@ -162,5 +169,10 @@ def _load_pretrained_dir(path: Path, class_names: Sequence[str] | None = None) -
 
 def save_detector(adapter: DetrAdapter, directory: str | Path) -> None:
     """Write the detector in HF ``save_pretrained`` layout (loadable by transformers alone, with no
-    missing or unexpected keys: ``hf_state_dict``)."""
+    missing or unexpected keys: ``hf_state_dict``) with the image processor of its ``pixels``
+    (``preprocessor_config.json``) where it has them."""
+    from .processors import image_processor
+
     adapter.model.save_pretrained(directory, state_dict=hf_state_dict(adapter.model))
+    if adapter.pixels is not None:
+        image_processor(adapter.pixels, adapter.family).save_pretrained(directory)

@@ -166,6 +166,9 @@ class DetrAdapter(nn.Module):
                 f"got {model_type!r} ({type(model).__name__})"
             )
         self.model = model
+        # how its inputs are made (``data.transforms.Pixels``): set by ``load_detector`` (from the
+        # checkpoint or the directory's image processor) and ``engine.make_detector``; None: unknown
+        self.pixels: Any = None
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
