@@ -648,7 +648,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     fmt = output_format(args.out)  # before any work: an unknown suffix is refused up front
     if not args.image.is_file():
         raise FileNotFoundError(f"image not found: {args.image}")
-    model, run_config = load_for_inference(args.checkpoint, args.device)
+    model, _ = load_for_inference(args.checkpoint, args.device)
     with Image.open(args.image) as im:
         image = to_rgb8(im)
     detections = predict_image(model, image, args.image_size, args.device, args.threshold)

@@ -99,8 +99,7 @@ def feed_teacher(config: DistillConfig, train_set: Any, teacher: DetrAdapter, st
         return
     t, s = teacher.pixels, student.pixels
     if (t.size, t.square, t.max_size) != (s.size, s.square, s.max_size):
-        grid = sorted(name for name, spec in config.methods.items()
-                      if name in METHODS and method_class(name).compares_memory)
+        grid = sorted(name for name in config.methods if name in METHODS and method_class(name).compares_memory)
         if grid:
             raise ConfigError(f"methods {grid} compare the teacher's and the student's encoder memories token "
                               f"by token, but the teacher {config.teacher} is fed {_geometry(t)} (its image "
