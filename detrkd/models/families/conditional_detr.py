@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ...box_ops import inverse_sigmoid
 from ..base import DetectorOutput, PresetSize, Predictions, Queries, forward_hooks, sine_box_embedding
-from .detr import DenseDetrAdapter, _append_output, _check_self_attn_mask, dense_config_kwargs
+from .dense import DenseDetrAdapter, _append_output, _check_self_attn_mask, dense_config_kwargs
 
 
 def _replace_output(value: Tensor):

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ...box_ops import inverse_sigmoid
 from ..base import DetectorOutput, PresetSize, Predictions, Queries, _record_output, forward_hooks
-from .detr import DenseDetrAdapter, Hook, _check_self_attn_mask, _set_kwarg, dense_config_kwargs
+from .dense import DenseDetrAdapter, Hook, _check_self_attn_mask, _set_kwarg, dense_config_kwargs
 
 
 class DABDETRAdapter(DenseDetrAdapter):
