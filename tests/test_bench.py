@@ -145,6 +145,8 @@ def test_a_preset_with_a_shipped_teacher_evaluates_it_and_distils_from_it(tmp_pa
     assert made and all(c in teacher["command"] for c in made)
     assert "teacher=shipped" in lapd["command"][0]
     assert (tmp_path / "results" / "tiny" / "qskd.json").exists()  # the preset's own result directory
+    meta = json.loads((tmp_path / "results" / "tiny" / "qskd_meta.json").read_text())
+    assert meta["command"].endswith("--seeds 0 --only lapd_only")  # the command that made the table
 
 
 def test_a_row_another_process_trains_is_busy_and_waited_for(tmp_path):

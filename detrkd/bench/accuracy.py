@@ -163,7 +163,16 @@ class Suite:
     setting: Setting = SETTINGS["compressed"]
     seeds: Sequence[int] = (0,)
     threads: int | None = None
+    only: Sequence[str] | None = None
     commands: dict[str, list[str]] = field(default_factory=dict)
+
+    def command(self) -> str:
+        """The ``detrkd bench accuracy`` command line of this suite, as run."""
+        parts = [f"detrkd bench accuracy --suite {self.name} --setting {self.setting.name} --preset "
+                 f"{self.preset.name} --seeds {' '.join(map(str, self.seeds))}"]
+        parts += [f"--threads {self.threads}"] if self.threads else []
+        parts += [" ".join(["--only", *self.only])] if self.only is not None else []
+        return " ".join(parts)
 
     def run_dir(self, row: str, seed: int = 0) -> Path:
         legacy = {"teacher": "teacher", "no_kd": "student"}  # the baseline's directory names
@@ -273,8 +282,7 @@ def run_suite(name: str, preset: str | Preset = "cpu", only: Sequence[str] | Non
     setting = SETTINGS[setting] if isinstance(setting, str) else setting
     preset = PRESETS[preset] if isinstance(preset, str) else preset
     out = out or results_dir / setting.results / preset.results / RESULT_FILES.get(name, f"{name}.json")
-    suite = Suite(name, preset, rows, out, setting,
-                  tuple(sorted(set(seeds))), threads)
+    suite = Suite(name, preset, rows, out, setting, tuple(sorted(set(seeds))), threads, only)
     data_command = suite.ensure_data()
     stats: dict[str, dict[int, dict[str, Any]]] = {}
     busy: list[tuple[str, int]] = []  # rows another process is training: done after the others
@@ -326,12 +334,9 @@ def write_results(results: list[dict[str, Any]], suite: Suite) -> None:
     out.write_text(json.dumps(results, indent=2) + "\n")
     preset = suite.preset.name
     setting = suite.setting.name
-    seeds = " ".join(map(str, suite.seeds))
     meta = {"suite": suite.name, "setting": setting, "setting_notes": suite.setting.notes, "preset": preset,
             "preset_notes": suite.preset.notes, "seeds": list(suite.seeds), "hardware": hardware(),
-            "torch": torch.__version__, "git_sha": code,
-            "command": f"detrkd bench accuracy --suite {suite.name} --setting {setting} --preset {preset} "
-                       f"--seeds {seeds}"}
+            "torch": torch.__version__, "git_sha": code, "command": suite.command()}
     out.with_name(out.stem + "_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     footer = (f"\n\n`{meta['command']}` ({suite.setting.notes}; {suite.preset.notes}); {meta['hardware']}, "
               f"torch {meta['torch']}, "
