@@ -866,7 +866,8 @@ def make_detector(config: TrainConfig, num_classes: int, class_names: Sequence[s
             overrides.setdefault("id2label", {i: name for i, name in enumerate(class_names)})
             overrides.setdefault("label2id", {name: i for i, name in enumerate(class_names)})
         model = build_detector(mcfg.family, mcfg.preset, num_classes, backbone=mcfg.backbone, **overrides)
-    model.pixels = config_pixels(config)
+    if not (mcfg.pretrained and mcfg.pixels == "auto"):  # a loaded model already carries its own
+        model.pixels = config_pixels(config)
     return model
 
 
