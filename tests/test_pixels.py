@@ -188,3 +188,28 @@ def test_an_older_run_resumes_with_imagenet_and_refuses_another_pixels(tmp_path,
     assert "model.pixels ('imagenet' -> 'auto')" in capsys.readouterr().err
     assert last.read_bytes() == before
     assert main(args + ["--resume", "--set", "optim.max_steps=2"]) == 0
+
+
+def test_a_student_from_a_directory_trains_on_its_processors_pixels(tmp_path):
+    """model.pretrained = a directory whose processor says 96 x 96, [0, 1]: the training set makes
+    exactly that (not data.image_size 64 with ImageNet), and the saved checkpoint records it."""
+    import transformers
+
+    from detrkd.data.digits import make_digits_dataset
+    from detrkd.engine import build_trainer
+    from detrkd.models.processors import checkpoint_pixels
+
+    make_digits_dataset(tmp_path / "data", train_images=4, val_images=2, image_size=64)
+    save_detector(build_detector("rt_detr", "tiny", 10), tmp_path / "start")
+    transformers.RTDetrImageProcessor(size={"height": 96, "width": 96}).save_pretrained(tmp_path / "start")
+    raw = {"model": {"family": "rt_detr", "pretrained": str(tmp_path / "start")},
+           "data": {"root": str(tmp_path / "data"), "image_size": 64, "batch_size": 2, "hflip": False},
+           "optim": {"epochs": 1, "warmup_steps": 1, "max_steps": 1}, "output_dir": str(tmp_path / "run"),
+           "threads": 1}
+    trainer = build_trainer(load_config(raw), progress=False)
+    pixels, _ = trainer.dataset[0]
+    assert pixels.shape == (3, 96, 96) and 0.0 <= float(pixels.min()) and float(pixels.max()) <= 1.0
+    trainer.fit()
+    from detrkd.checkpoint import load_checkpoint
+
+    assert checkpoint_pixels(load_checkpoint(tmp_path / "run" / "last.pt")) == family_pixels("rt_detr", 96)
