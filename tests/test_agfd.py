@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from detrkd.distill.agfd import (AGFD, chosen_queries, foreground_mask, masked_feature_mse,
-                                 token_batch_norm)
+from detrkd.distill.agfd import AGFD, chosen_queries, foreground_mask
+from detrkd.distill.features import masked_feature_mse, token_batch_norm
 from detrkd.distill.base import DistillContext, Distiller
 from detrkd.distill.query_selection import QuerySelection
 from detrkd.models import build_detector

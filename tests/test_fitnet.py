@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from detrkd.config import ConfigError
-from detrkd.distill.agfd import token_batch_norm
+from detrkd.distill.features import token_batch_norm
 from detrkd.distill.base import DistillContext, Distiller
 from detrkd.distill.fitnet import FitNet, level_token_mask
 from detrkd.distill.train import METHODS, build_methods

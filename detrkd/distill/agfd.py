@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models.base import DetectorOutput, DetrAdapter, sine_box_embedding
+from ..models.base import DetrAdapter, sine_box_embedding
 from .base import DistillContext, DistillMethod
+from .features import check_same_grid, masked_feature_mse, width_and_layer
 from .query_selection import QuerySelection
 
 MaskKind = Literal["gqs", "all", "positives", "easy_negatives", "none"]
@@ -77,30 +78,6 @@ def foreground_mask(attention: Tensor, chosen: Tensor, giou: Tensor | None = Non
 # ---- the loss (Eq. 5) ---------------------------------------------------------------------------
 
 
-def token_batch_norm(x: Tensor, eps: float = 1e-5) -> Tensor:
-    """Affine-free batch norm of tokens [P, D]: per channel, biased batch statistics over P
-    (what ``F.batch_norm(training=True)`` without running stats computes, also for P = 1)."""
-    mean = x.mean(0, keepdim=True)
-    var = x.var(0, unbiased=False, keepdim=True)
-    return (x - mean) / torch.sqrt(var + eps)
-
-
-def masked_feature_mse(teacher: Tensor, student: Tensor, weight: Tensor, valid: Tensor,
-                       batch_norm: bool = True, eps: float = 1e-5) -> Tensor:
-    """MSE(BN(w * F_t), BN(w * F_s)) over the valid tokens.
-
-    teacher, student: [B, N, D]; weight: [B, N]; valid: [B, N] bool (False = padding, excluded from
-    the statistics and the mean). Returns a scalar (0 with a graph when no token is valid).
-    """
-    t = (weight[..., None] * teacher)[valid]  # [P, D]
-    s = (weight[..., None] * student)[valid]
-    if s.shape[0] == 0:
-        return student.sum() * 0.0
-    if batch_norm:
-        t, s = token_batch_norm(t, eps), token_batch_norm(s, eps)
-    return F.mse_loss(s, t)
-
-
 # ---- learned parts: connector and adapter (Eq. 6) ---------------------------------------------------
 
 
@@ -141,14 +118,6 @@ class EncoderLayerAdapter(nn.Module):
         return self.norm2(x + self.dropout(self.ffn(x)))
 
 
-def _width_and_layer(model: DetrAdapter | int) -> tuple[int, int | None, int | None]:
-    """(memory width D, encoder heads, encoder FFN width) of an adapter; an int is just a width."""
-    if isinstance(model, int):
-        return model, None, None
-    cfg = model.config
-    return model.hidden_size, getattr(cfg, "encoder_attention_heads", None), getattr(cfg, "encoder_ffn_dim", None)
-
-
 # ---- the method -----------------------------------------------------------------------------------
 
 
@@ -186,8 +155,8 @@ class AGFD(DistillMethod):
         super().__init__()
         if mask not in MASK_KINDS:
             raise ValueError(f"unknown AGFD mask {mask!r}; choose one of {MASK_KINDS}")
-        t_width, t_heads, t_ffn = _width_and_layer(teacher)
-        s_width, _, _ = _width_and_layer(student)
+        t_width, t_heads, t_ffn = width_and_layer(teacher)
+        s_width, _, _ = width_and_layer(student)
         self.mask, self.threshold, self.giou_weight = mask, float(threshold), giou_weight
         self.batch_norm, self.eps = batch_norm, eps
         self.teacher_width, self.student_width = t_width, s_width
@@ -237,13 +206,3 @@ class AGFD(DistillMethod):
                              f"but the student memory has width {tokens.shape[-1]}")
         x = tokens if self.connector is None else self.connector(tokens)
         return x if self.adapter is None else self.adapter(x, spatial_shapes, padding_mask)
-
-
-def check_same_grid(teacher_out: DetectorOutput, student_out: DetectorOutput, method: str = "AGFD") -> None:
-    """Raise ValueError unless teacher and student memories lie on the same token grid."""
-    t_shapes, s_shapes = teacher_out.memory.spatial_shapes, student_out.memory.spatial_shapes
-    if t_shapes.shape != s_shapes.shape or not torch.equal(t_shapes.cpu(), s_shapes.cpu()):
-        raise ValueError(
-            f"{method} needs teacher and student encoder memories on the same token grid, but the teacher's "
-            f"spatial_shapes (H, W per level) are {t_shapes.tolist()} and the student's are "
-            f"{s_shapes.tolist()} (use the same feature levels/strides; interpolation is not supported yet)")

@@ -17,7 +17,7 @@ purpose: families differ in the NUMBER of levels too (DETR: 1, Deformable: 4, RT
 resampling rule would be a silent design choice; pick matching families/strides instead (or
 ``levels`` where both share those levels). Padding tokens of either model are excluded. This is
 ``agfd`` with ``mask: none`` minus its defaults (BN on, adapter option): both reuse
-``agfd.masked_feature_mse``.
+``features.masked_feature_mse``.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from ..models.base import DetrAdapter, EncoderMemory
-from .agfd import _width_and_layer, check_same_grid, masked_feature_mse
 from .base import DistillContext, DistillMethod, check_choice
+from .features import check_same_grid, masked_feature_mse, width_and_layer
 
 
 def level_token_mask(memory: EncoderMemory, levels: Sequence[int]) -> Tensor:
@@ -63,7 +63,7 @@ class FitNet(DistillMethod):
         check_choice("fitnet", "normalise", normalise, ("none", "batch_norm"))
         if levels != "all" and (isinstance(levels, str) or not all(isinstance(x, int) for x in levels)):
             raise ValueError(f"fitnet levels must be 'all' or a list of level indices, got {levels!r}")
-        t_width, s_width = _width_and_layer(teacher)[0], _width_and_layer(student)[0]
+        t_width, s_width = width_and_layer(teacher)[0], width_and_layer(student)[0]
         if connector == "none" and t_width != s_width:
             raise ValueError(f"fitnet: the student memory width {s_width} differs from the teacher's {t_width} "
                              f"and connector is 'none'; use connector: auto (a learned Linear {s_width} -> {t_width})")
