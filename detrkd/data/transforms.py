@@ -41,6 +41,7 @@ __all__ = [
     "Compose",
     "Pixels",
     "Views",
+    "detr_max_size",
     "pixel_transforms",
     "RandomHorizontalFlip",
     "RandomResize",
@@ -316,6 +317,11 @@ _TRAIN_SCALES = tuple(0.75 + 0.0625 * i for i in range(9))
 _MAX_SIZE_RATIO = 1333 / 800
 
 
+def detr_max_size(size: int) -> int:
+    """DETR's cap on the longer side for a shorter side of ``size`` (800 -> 1333), rounded up."""
+    return int(math.ceil(size * _MAX_SIZE_RATIO))
+
+
 def make_transforms(split: Literal["train", "val"], image_size: int, hflip: bool = True,
                     square: bool = False) -> Compose:
     """DETR-style pipelines sized for ``image_size`` with ImageNet normalisation (detrkd's recipe
@@ -323,7 +329,7 @@ def make_transforms(split: Literal["train", "val"], image_size: int, hflip: bool
     square, image_size * 1333 / 800)``."""
     if image_size <= 0:
         raise ValueError(f"image_size must be positive, got {image_size}")
-    return pixel_transforms(split, Pixels(image_size, square, int(math.ceil(image_size * _MAX_SIZE_RATIO))), hflip)
+    return pixel_transforms(split, Pixels(image_size, square, detr_max_size(image_size)), hflip)
 
 
 def pixel_transforms(split: Literal["train", "val"], pixels: Pixels, hflip: bool = True,

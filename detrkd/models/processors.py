@@ -1,7 +1,7 @@
 """Each model's own preprocessing (``data.transforms.Pixels``), from where transformers keeps it,
 and back: the image processor ``detrkd export`` writes.
 
-Where a model's pixels come from (``model_pixels``):
+Where a model's pixels come from (``engine.config_pixels``, ``load_detector``):
 - a ``from_pretrained`` directory: its ``preprocessor_config.json`` (what ``save_pretrained`` of
   an image processor writes): resize rule and size, rescale, normalisation, padding;
 - a detrkd checkpoint: the pixels it was trained with (recorded in it; a checkpoint written
@@ -18,11 +18,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
-from detrkd.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Pixels
+from detrkd.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Pixels, detr_max_size
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +30,6 @@ PROCESSOR_FILE = "preprocessor_config.json"
 PROCESSORS = {"detr": "DetrImageProcessor", "conditional_detr": "ConditionalDetrImageProcessor",
               "dab_detr": "ConditionalDetrImageProcessor", "deformable_detr": "DeformableDetrImageProcessor",
               "rt_detr": "RTDetrImageProcessor", "rt_detr_v2": "RTDetrImageProcessor", "d_fine": "RTDetrImageProcessor"}
-MAX_SIZE_RATIO = 1333 / 800  # DETR's longest / shortest edge (800 -> 1333)
 
 
 def _square(family: str) -> bool:
@@ -43,7 +41,7 @@ def _square(family: str) -> bool:
 def imagenet_pixels(family: str, image_size: int) -> Pixels:
     """ImageNet mean / std at detrkd's resize of ``image_size`` (square for the families that ignore
     the pixel mask, else shorter side ``image_size``, longer at most ``image_size * 1333 / 800``)."""
-    return Pixels(image_size, _square(family), int(math.ceil(image_size * MAX_SIZE_RATIO)))
+    return Pixels(image_size, _square(family), detr_max_size(image_size))
 
 
 def family_pixels(family: str, image_size: int) -> Pixels:
@@ -53,9 +51,10 @@ def family_pixels(family: str, image_size: int) -> Pixels:
 
     default = getattr(transformers, PROCESSORS[family])()
     normalise = bool(default.do_normalize)
-    return Pixels(image_size, _square(family), int(math.ceil(image_size * MAX_SIZE_RATIO)),
-                  tuple(default.image_mean) if normalise else None, tuple(default.image_std) if normalise else None,
-                  float(default.rescale_factor) if default.do_rescale else 1.0)
+    return dataclasses.replace(imagenet_pixels(family, image_size),
+                               mean=tuple(default.image_mean) if normalise else None,
+                               std=tuple(default.image_std) if normalise else None,
+                               rescale=float(default.rescale_factor) if default.do_rescale else 1.0)
 
 
 def processor_pixels(config: dict[str, Any], where: str | Path) -> Pixels:
@@ -108,8 +107,7 @@ def inference_pixels(model: Any, image_size: int | None = None) -> Pixels:
     pixels = model.pixels or imagenet_pixels(model.family, image_size or 256)
     if image_size is None or image_size == pixels.size:
         return pixels
-    return dataclasses.replace(pixels, size=image_size, max_size=None if pixels.square else
-                               int(math.ceil(image_size * MAX_SIZE_RATIO)))
+    return dataclasses.replace(pixels, size=image_size, max_size=detr_max_size(image_size))
 
 
 def image_processor(pixels: Pixels, family: str) -> Any:
