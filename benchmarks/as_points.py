@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
+from detrkd.bench import detector_on_split, load_for_inference
 from detrkd.checkpoint import load_checkpoint
-from detrkd.cli import detector_on_split, load_for_inference
+from detrkd.config import with_predated
 from detrkd.data.collate import collate
-from detrkd.distill.active_sampling import ActiveSampling, _vectors
+from detrkd.distill.active_sampling import ActiveSampling, layer_vectors
+from detrkd.distill.methods import method_options
 
 BUCKETS = ((0.0, 0.1), (0.1, 0.5), (0.5, 1.01))
 
@@ -30,9 +31,7 @@ BUCKETS = ((0.0, 0.1), (0.1, 0.5), (0.5, 1.01))
 def teacher_and_val_batches(batches: int = 8, checkpoint: str = "runs/digits_teacher/last.pt"
                             ) -> tuple[Any, list[dict[str, Any]]]:
     """(the digits teacher, its first ``batches`` val batches of 8 images, teacher transforms)."""
-    args = SimpleNamespace(checkpoint=Path(checkpoint), device="cpu", data="data/digits",
-                           image_size=None, batch_size=8, split="val")
-    teacher, dataset, _, _ = detector_on_split(args)
+    teacher, dataset, _, _ = detector_on_split(Path(checkpoint), "val", data="data/digits", batch_size=8)
     loader = DataLoader(dataset, batch_size=8, shuffle=False, collate_fn=collate)
     return teacher, [b for _, b in zip(range(batches), loader)]
 
@@ -42,8 +41,7 @@ def main(student_ckpt: str, as_ckpt: str = "runs/digits_active_sampling/last.pt"
     teacher, batches = teacher_and_val_batches()
     student, _ = load_for_inference(Path(student_ckpt), "cpu")
     state = load_checkpoint(as_ckpt)
-    options = dict(state["config"]["methods"]["active_sampling"])
-    options.pop("weight", None)
+    options, _ = method_options("active_sampling", with_predated(state["config"])["methods"]["active_sampling"])
     method = ActiveSampling(num_classes=teacher.num_classes, **options).eval()
     method.load_state_dict(state["extra_modules"]["active_sampling"])
     l1s, clss, conf = [], [], []
@@ -51,8 +49,9 @@ def main(student_ckpt: str, as_ckpt: str = "runs/digits_active_sampling/last.pt"
         for b in batches:
             side = method.teacher_side(teacher(b["pixel_values"], b["pixel_mask"]), -1)
             s_out = student(b["pixel_values"], b["pixel_mask"])
-            y_t, y_s = side[0], _vectors(s_out, -1)
-            l1, cls = method.point_losses(*method.samples(side, y_s), method.class_mode(s_out.class_head))
+            y_t, y_s = side[0], layer_vectors(s_out, -1)
+            s_t, s_s = method.samples(side, y_s)
+            l1, cls = method.point_losses(s_s, s_t, method.class_mode(s_out.class_head))
             l1s.append(l1.flatten())
             clss.append(cls.flatten())
             conf.append(y_t[..., 4:].max(-1).values.flatten())

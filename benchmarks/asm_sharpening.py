@@ -22,7 +22,7 @@ import sys
 import torch
 from as_points import teacher_and_val_batches  # benchmarks/ (the script's folder is on sys.path)
 
-from detrkd.distill.active_sampling import ActiveSampling, _vectors, diagonal_nll, sampling_logits
+from detrkd.distill.active_sampling import ActiveSampling, diagonal_nll, layer_vectors, sampling_logits
 
 STEPS, WARMUP, REPORT = 3000, 300, (1, 100, 300, 600, 1000, 2000, 3000)
 
@@ -31,7 +31,7 @@ def teacher_vectors(checkpoint: str, batches: int = 8) -> list[torch.Tensor]:
     """Final-layer prediction vectors [8, Qt, 4 + C] of the first ``batches`` val batches."""
     model, val = teacher_and_val_batches(batches, checkpoint)
     with torch.no_grad():
-        return [_vectors(model(b["pixel_values"], b["pixel_mask"]), -1) for b in val]
+        return [layer_vectors(model(b["pixel_values"], b["pixel_mask"]), -1) for b in val]
 
 
 def lr_at(step: int, peak: float, warmup: bool = True) -> float:

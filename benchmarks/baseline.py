@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from detrkd.bench.runs import STATS, detrkd_cmd, ensure_trained, evaluate_run, run, train_minutes
+from detrkd.bench import STATS, detrkd_cmd, ensure_trained, evaluate_run, run, train_minutes
 from detrkd.provenance import git_sha, hardware
 
 

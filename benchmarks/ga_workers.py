@@ -16,9 +16,9 @@ from typing import Callable
 
 import torch
 
-from detrkd.bench.overhead import Pair, fixed_batch
+from detrkd.bench import Pair, fixed_batch
 from detrkd.distill.global_alignment import global_alignment, reference_alignment, stack_layer_pairs
-from detrkd.distill.lapd import layer_pairs
+from detrkd.distill.pairing import layer_pairs
 from detrkd.provenance import git_sha, hardware
 
 
@@ -48,7 +48,7 @@ def main() -> None:
         s_out = student(batch["pixel_values"], batch["pixel_mask"])
     pairs = layer_pairs(s_out.predictions.num_layers, t_out.predictions.num_layers, "all")
     s_logits, s_boxes, t_logits, t_boxes = stack_layer_pairs(s_out.predictions, t_out.predictions, pairs)
-    inputs = (t_logits, t_boxes, s_logits, s_boxes, (t_out.class_head, s_out.class_head))
+    inputs = (s_logits, s_boxes, t_logits, t_boxes, (s_out.class_head, t_out.class_head))
     result = {"queries": args.queries, "problems": int(t_logits.shape[0]), "threads": args.threads,
               "reference_ms": median_ms(lambda: reference_alignment(*inputs, batch=8), args.repeats)}
     for workers in (0, 1, 2):

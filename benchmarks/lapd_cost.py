@@ -12,8 +12,9 @@ now is, so a new run prints it twice).
 """
 import time, torch, numpy as np
 from pathlib import Path
-from detrkd.bench.overhead import Pair, fixed_batch
-from detrkd.distill import lapd
+from detrkd.bench import Pair, fixed_batch
+from detrkd.distill import lapd  # the subject measured: its private block helpers too
+from detrkd.distill.pairing import prediction_cost
 from detrkd.distill.query_selection import group_query_selection
 
 
@@ -29,27 +30,27 @@ def main() -> None:
     ts = group_query_selection(tl, tb, targets, to.class_head, threshold=0.0)
     ss = group_query_selection(sl, sb, targets, so.class_head, threshold=0.0)
     print("hard negatives per image t/s", ts.hard_negative.sum(1).tolist(), ss.hard_negative.sum(1).tolist())
-    heads = (to.class_head, so.class_head)
+    heads = (so.class_head, to.class_head)
     def cpu(f, n=3):
         f(); best = 1e9
         for _ in range(n):
             c0 = time.process_time(); f(); best = min(best, time.process_time() - c0)
         return best * 1e3
-    full = cpu(lambda: lapd.prediction_cost(tl, tb, sl, sb, heads).cpu().numpy())
-    whole = cpu(lambda: lapd.local_alignment(ts, ss, tl, tb, sl, sb, heads))
+    full = cpu(lambda: prediction_cost(sl, sb, tl, tb, heads).cpu().numpy())
+    whole = cpu(lambda: lapd.local_alignment(ss, ts, sl, sb, tl, tb, heads))
     blocks = list(lapd._hard_blocks(lapd._to_cpu(ts), lapd._to_cpu(ss), False))
-    bc = cpu(lambda: lapd._block_costs(blocks, tl, tb, sl, sb, heads, (1., 5., 2.)))
+    bc = cpu(lambda: lapd._block_costs(blocks, sl, sb, tl, tb, heads, (1., 5., 2.)))
     print(f"CPU ms (1 thread): full [8,900,900] cost {full:.1f}; block costs {bc:.1f} ({len(blocks)} blocks); local_alignment now {whole:.1f}")
     sizes = [(len(t), len(s)) for _, t, s in blocks]
     print("sum t*s", sum(a*b for a,b in sizes), "padded", len(blocks)*max(a for a,_ in sizes)*max(b for _,b in sizes), "full", 8*900*900)
     def per_block():
-        return [lapd.prediction_cost(tl[b, torch.from_numpy(t)][None], tb[b, torch.from_numpy(t)][None], sl[b, torch.from_numpy(s)][None], sb[b, torch.from_numpy(s)][None], heads).cpu().numpy()[0] for b, t, s in blocks]
+        return [prediction_cost(sl[b, torch.from_numpy(s)][None], sb[b, torch.from_numpy(s)][None], tl[b, torch.from_numpy(t)][None], tb[b, torch.from_numpy(t)][None], heads).cpu().numpy()[0] for b, t, s in blocks]
     print(f"per-block calls {cpu(per_block):.1f}")
     def per_block_out():
         out = []
         for b, t, s in blocks:
             o = torch.empty(1, len(t), len(s))
-            lapd.prediction_cost(tl[b, torch.from_numpy(t)][None], tb[b, torch.from_numpy(t)][None], sl[b, torch.from_numpy(s)][None], sb[b, torch.from_numpy(s)][None], heads, out=o)
+            prediction_cost(sl[b, torch.from_numpy(s)][None], sb[b, torch.from_numpy(s)][None], tl[b, torch.from_numpy(t)][None], tb[b, torch.from_numpy(t)][None], heads, out=o)
             out.append(o.numpy()[0])
         return out
     print(f"per-block calls out= {cpu(per_block_out):.1f}")

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from detrkd.distill.query_selection import (TABLE1_THRESHOLDS, QuerySelection, count_queries_per_gt,
                                             group_query_selection)
-from detrkd.matching import class_probabilities, matcher_costs
+from detrkd.matching import head_probabilities, matcher_costs
 
 KIND_COLOURS = {"positive": "lime", "hard negative": "yellow", "easy negative": "magenta"}
 
@@ -252,7 +252,7 @@ def draw_query_selection(
     gt_index = _check_gt_index(target, gt_index)
     mask = pixel_mask if pixel_mask is not None else _pixel_mask(pixel_values, target)
     out, sel = _forward_with_attention(model, pixel_values, mask, target, threshold, device)
-    scores = class_probabilities(out.predictions.logits[-1][0], out.class_head)
+    scores = head_probabilities(out.predictions.logits[-1][0], out.class_head)
     if out.class_head == "softmax":
         scores = scores[..., :-1]
     picked = pick_queries(sel, gt_index, num_hard, num_easy)

@@ -108,17 +108,17 @@ def _add_methods(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def cmd_methods(args: argparse.Namespace) -> int:
     """``detrkd methods``: each method's one line, its recipe weight and every option with its default."""
-    import inspect
-
     from detrkd.distill.catalog import RECIPE_SUMMARIES, RECIPES, SUMMARIES
-    from detrkd.distill.train import method_class
+    from detrkd.distill.methods import method_class
+
+    from detrkd.distill.methods import option_hints
 
     for name, summary in SUMMARIES.items():
+        cls = method_class(name)
         print(f"{name}: {summary}")
         print(f"  weight: {RECIPES[name][name]['weight']:g}  (lambda: multiplies every term)")
-        for param in list(inspect.signature(method_class(name)).parameters.values()):
-            if param.name in ("teacher", "student") or param.kind is param.VAR_KEYWORD:
-                continue
+        print("  terms: {" + ", ".join(f"{t}: {w:g}" for t, w in cls.terms.items()) + "}  (per-term weights)")
+        for param in option_hints(cls).values():
             default = "required" if param.default is param.empty else repr(param.default)
             print(f"  {param.name}: {default}")
     for name, summary in RECIPE_SUMMARIES.items():
@@ -431,7 +431,7 @@ def print_summary(summary: dict[str, Any]) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     """``detrkd train``."""
     from detrkd.config import load_config
-    from detrkd.engine import train_detector
+    from detrkd.recipe import train_detector
 
     config = load_config(train_config_source(args), train_overrides(args))
     summary = train_detector(config, resume=args.resume, progress=_progress(args))
@@ -443,7 +443,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_distill(args: argparse.Namespace) -> int:
     """``detrkd distill``."""
     from detrkd.config import DistillConfig, load_config
-    from detrkd.distill.train import distill_detector
+    from detrkd.recipe import distill_detector
 
     config = load_config(train_config_source(args), train_overrides(args), schema=DistillConfig)
     summary = distill_detector(config, resume=args.resume, progress=_progress(args))
@@ -508,61 +508,13 @@ def _overhead_command(args: argparse.Namespace) -> str:
     return shlex.join(parts)
 
 
-# ---- loading a detector ---------------------------------------------------------------------
-def load_for_inference(path: Path, device: str) -> tuple[Any, dict[str, Any] | None]:
-    """(detector in eval mode on ``device``, the run config dict of a .pt checkpoint or None)."""
-    from detrkd.checkpoint import load_checkpoint, load_model_entries
-    from detrkd.models import detector_from_state, load_detector
-
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.is_dir():
-        return load_detector(path).to(device).eval(), None
-    state = load_checkpoint(path)
-    if state.get("family") is None or state.get("hf_config") is None:
-        raise CheckpointError(f"{path} holds no detector (no family / hf_config)")
-    model = detector_from_state(state["family"], state["hf_config"])
-    load_model_entries(model, state)
-    return model.to(device).eval(), state.get("config")
-
-
-def _image_size(flag: int | None, run_config: dict[str, Any] | None) -> int:
-    if flag is not None:
-        return flag
-    return int(((run_config or {}).get("data") or {}).get("image_size", 256))
-
-
 # ---- eval -----------------------------------------------------------------------------------
-def eval_data_config(args: argparse.Namespace, run_config: dict[str, Any] | None) -> Any:
-    """The ``DataConfig`` to evaluate on: the checkpoint's data section updated by the flags."""
-    from detrkd.config import DataConfig, coerce
-
-    data = dict(((run_config or {}).get("data")) or {})
-    if args.data is not None:
-        data["root"] = args.data
-    if "root" not in data:
-        raise ConfigError("--data is required (the checkpoint does not name its training data)")
-    data.update(image_size=_image_size(args.image_size, run_config), batch_size=args.batch_size,
-                num_workers=0)
-    return coerce(data, DataConfig, "data")
-
-
 def detector_on_split(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
-    """(detector, dataset of ``--split`` with the detector's val transforms, data config,
-    annotation file) for the commands that run a checkpoint over a split."""
-    from detrkd.data.coco import CocoDetection
-    from detrkd.engine import transforms_for
+    """``inference.detector_on_split`` with the command's flags."""
+    from detrkd.inference import detector_on_split as on_split
 
-    model, run_config = load_for_inference(args.checkpoint, args.device)
-    data = eval_data_config(args, run_config)
-    images, ann = data.split_paths(args.split)
-    from detrkd.models.processors import inference_pixels
-
-    dataset = CocoDetection(images, ann, transforms_for(inference_pixels(model, args.image_size), "val", data),
-                            invalid_boxes=data.invalid_boxes, on_bad_image=data.on_bad_image)
-    if dataset.num_classes != model.num_classes:
-        raise ValueError(f"the detector has {model.num_classes} classes but {ann} has {dataset.num_classes}")
-    return model, dataset, data, ann
+    return on_split(args.checkpoint, args.split, data=args.data, image_size=args.image_size,
+                    batch_size=args.batch_size, device=args.device)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -643,7 +595,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from detrkd.data.coco import to_rgb8
-    from detrkd.inference import HEADER, class_names, draw_detections, output_format, predict_image
+    from detrkd.inference import (HEADER, class_names, draw_detections, load_for_inference, output_format,
+                                  predict_image)
 
     fmt = output_format(args.out)  # before any work: an unknown suffix is refused up front
     if not args.image.is_file():

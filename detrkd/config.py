@@ -12,6 +12,7 @@ Rules:
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import os
@@ -350,7 +351,7 @@ def _reject_unknown(data: Mapping[str, Any], valid: list[str], prefix: str,
 
 def coerce(value: Any, tp: Any, key: str) -> Any:
     """Check (and minimally convert) ``value`` against the type annotation ``tp``."""
-    if tp is Any:
+    if tp is Any or tp is object:
         return value
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key + ".")
@@ -361,10 +362,12 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         if value in args:
             return value
         raise ConfigError(f"{key}: expected one of {', '.join(map(repr, args))}, got {_show(value)}")
-    if origin is list:
+    if origin in (list, tuple, collections.abc.Sequence):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)}")
-        return [coerce(v, args[0] if args else Any, f"{key}[{i}]") for i, v in enumerate(value)]
+        item = args[0] if args else Any  # list[T], Sequence[T], tuple[T, ...] (or a tuple of one type)
+        items = [coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: expected a mapping, got {_show(value)}")
@@ -415,6 +418,40 @@ def _type_name(tp: Any) -> str:
 
 def _show(value: Any) -> str:
     return "null" if value is None else repr(value)
+
+
+# ---- stored configs of older runs ----------------------------------------------------------
+# keys a run's stored config may predate, with the value that was in force before they existed
+PREDATED = {"model.pixels": "imagenet"}
+# method options that became per-term weights (``methods.NAME.terms``): old option -> term name(s)
+RENAMED_WEIGHTS: dict[str, str | tuple[str, ...]] = {
+    "weights": ("cls", "l1", "giou"),  # kd_detr, lapd, global_alignment: a (class, L1, GIoU) triple
+    "sampling_weight": "sampling", "bbox_weight": "l1", "cls_weight": "cls",  # active_sampling
+}
+
+
+def with_predated(config: dict[str, Any]) -> dict[str, Any]:
+    """A stored run config in today's shape, meaning what it ran with: the ``PREDATED`` keys it
+    lacks filled in, and old per-term weight options moved into ``methods.NAME.terms``."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
+    for key, value in PREDATED.items():
+        section, name = key.split(".")
+        if isinstance(out.get(section), dict):
+            out[section].setdefault(name, value)
+    if isinstance(out.get("methods"), dict):
+        out["methods"] = {name: _with_terms(options) for name, options in out["methods"].items()}
+    return out
+
+
+def _with_terms(options: Any) -> Any:
+    if not isinstance(options, dict) or not set(options) & set(RENAMED_WEIGHTS):
+        return options
+    options, terms = dict(options), dict(options.get("terms") or {})
+    for old, names in RENAMED_WEIGHTS.items():
+        if old in options:
+            value = options.pop(old)
+            terms.update(zip(names, map(float, value)) if isinstance(names, tuple) else {names: float(value)})
+    return {**options, "terms": terms}
 
 
 # ---- writing ------------------------------------------------------------------------------

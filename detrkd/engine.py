@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
-import difflib
 import json
 import logging
 import math
@@ -52,14 +51,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from detrkd.checkpoint import (BEST, LAST, load_checkpoint, load_model_entries, model_entries,
                                rng_state, save_checkpoint, set_rng_state)
-from detrkd.config import ConfigError, OptimConfig, TrainConfig, config_to_dict, dump_config
+from detrkd.config import OptimConfig, TrainConfig, config_to_dict, dump_config, with_predated
 from detrkd.distributed import (all_gather, any_flags, barrier, broadcast_from_main, check_no_accelerate_state,
-                                detection_loss, init_distributed, local_device, mean_values, shard, world)
+                                init_distributed, local_device, mean_values, shard, world)
 from detrkd.errors import NonFiniteLossError, TrainingError, TrainingInterrupted  # noqa: F401 (re-exported)
 from detrkd.models.base import NonFinitePredictions
 from detrkd.provenance import PROVENANCE_FILE, append_run_record, resume_command
@@ -256,20 +255,6 @@ def truncate_metrics(path: Path, step: int) -> None:
 # experiments (data order and RNG follow the seed, the weights the model and teacher)
 FIXED_ON_RESUME = ("seed", "teacher", "model.family", "model.preset", "model.backbone", "model.num_queries",
                    "model.pixels", "data.batch_size")
-# keys a run's stored config may predate, with the value that was in force before they existed
-PREDATED = {"model.pixels": "imagenet"}
-
-
-def with_predated(config: dict[str, Any]) -> dict[str, Any]:
-    """A stored run config with the ``PREDATED`` keys it lacks filled in (what it ran with)."""
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
-    for key, value in PREDATED.items():
-        section, name = key.split(".")
-        if isinstance(out.get(section), dict):
-            out[section].setdefault(name, value)
-    return out
-
-
 def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, list[Any]]:
     """Flattened ``{"section.key": [old, new]}`` of the values that differ between two config dicts
     (a method's options count as one value per option)."""
@@ -827,209 +812,3 @@ def ddp_ignored_names(module: nn.Module) -> list[str]:
     return names
 
 
-# ---- plain detector training (``detrkd train``) -------------------------------------------
-class DetectorLoss(nn.Module):
-    """``compute_loss`` of plain training as a module (so that DDP can wrap it): the detector's
-    own (HF) loss, its box normaliser averaged over processes, and its terms (this rank's)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        out = self.model(batch["pixel_values"], batch["pixel_mask"], labels=batch["labels"])
-        terms = {k: v for k, v in (out.loss_dict or {}).items() if isinstance(v, Tensor) and v.numel() == 1}
-        return detection_loss(self.model, out, batch["labels"]), terms
-
-
-def detector_loss(model: nn.Module) -> DetectorLoss:
-    """``compute_loss`` of plain training (``DetectorLoss``)."""
-    return DetectorLoss(model)
-
-
-def make_detector(config: TrainConfig, num_classes: int, class_names: Sequence[str] | None = None) -> nn.Module:
-    """Build the configured detector (random init or ``model.pretrained``), with its ``pixels``."""
-    from detrkd.models import build_detector, load_detector
-
-    mcfg = config.model
-    if mcfg.pretrained:  # a from_pretrained dir with other classes gets new class heads (load_detector)
-        model = load_detector(mcfg.pretrained, class_names, config.data.image_size)
-        if model.num_classes != num_classes:
-            raise TrainingError(f"model.pretrained {mcfg.pretrained} has {model.num_classes} classes, "
-                                f"the data has {num_classes}: a detrkd checkpoint is loaded as it is; "
-                                f"`detrkd export` it to a directory to start from it with new class heads")
-    else:
-        overrides = dict(mcfg.overrides)
-        if mcfg.num_queries is not None:
-            overrides["num_queries"] = mcfg.num_queries
-        if class_names is not None:
-            overrides.setdefault("id2label", {i: name for i, name in enumerate(class_names)})
-            overrides.setdefault("label2id", {name: i for i, name in enumerate(class_names)})
-        model = build_detector(mcfg.family, mcfg.preset, num_classes, backbone=mcfg.backbone, **overrides)
-    if not (mcfg.pretrained and mcfg.pixels == "auto"):  # a loaded model already carries its own
-        model.pixels = config_pixels(config)
-    return model
-
-
-def config_pixels(config: TrainConfig) -> Any:
-    """The configured model's ``Pixels`` (``model.pixels``, ``models.processors``), without building it."""
-    from detrkd.models import family_of_pretrained_dir
-    from detrkd.models.processors import checkpoint_pixels, dir_pixels, family_pixels, imagenet_pixels
-
-    mcfg, size = config.model, config.data.image_size
-    pretrained = Path(mcfg.pretrained) if mcfg.pretrained else None
-    family = family_of_pretrained_dir(pretrained) if pretrained and pretrained.is_dir() else mcfg.family
-    if mcfg.pixels == "imagenet":
-        return imagenet_pixels(family, size)
-    if pretrained is None:
-        return family_pixels(family, size)
-    if pretrained.is_dir():
-        return dir_pixels(pretrained, family, size)
-    from detrkd.checkpoint import load_checkpoint
-
-    return checkpoint_pixels(load_checkpoint(pretrained))
-
-
-def transforms_for(pixels: Any, split: str, data: Any, views: dict[str, Any] | None = None) -> Any:
-    """The standard transforms of ``split`` for a model fed ``pixels`` (``data.transforms.Pixels``)
-    under a ``DataConfig``; ``views``: other models' pixels of the same images (train only)."""
-    from detrkd.data.transforms import pixel_transforms
-
-    return pixel_transforms(split, pixels, hflip=data.hflip, views=views if split == "train" else None)
-
-
-def make_datasets(config: TrainConfig, splits: Sequence[str] = ("train", "val")) -> dict[str, Any]:
-    """``CocoDetection`` datasets of ``splits`` with the standard transforms of the configured
-    model's pixels (``config_pixels``)."""
-    from detrkd.data.coco import CocoDetection
-
-    pixels = config_pixels(config)
-    out = {}
-    for split in splits:
-        images, ann = config.data.split_paths(split)
-        out[split] = CocoDetection(images, ann, transforms_for(pixels, split, config.data),
-                                   skip_empty=config.data.skip_empty and split == "train",
-                                   invalid_boxes=config.data.invalid_boxes, on_bad_image=config.data.on_bad_image)
-        check_split(out[split], split, ann)
-    return out
-
-
-def check_split(dataset: Any, split: str, annotation_file: str) -> None:
-    """A training or evaluation split needs images and at least one annotated object:
-    ``TrainingError`` naming the file otherwise (an empty val split would run with no evaluation,
-    an unannotated one with AP undefined; an unannotated train split has nothing to learn)."""
-    if len(dataset) == 0:
-        raise TrainingError(f"the {split} split {annotation_file} has no images (after skip_empty / "
-                            f"on_bad_image): nothing to {'train on' if split == 'train' else 'evaluate'}")
-    if not any(not a.get("iscrowd", 0) for a in dataset.coco_gt["annotations"]):
-        raise TrainingError(f"the {split} split {annotation_file} has no annotated objects: "
-                            f"{'nothing to learn' if split == 'train' else 'AP is undefined'}")
-
-
-def make_eval_fn(config: TrainConfig, dataset: Any, progress: bool = False) -> EvalFn:
-    """``model -> COCO stats`` on ``dataset`` (``detrkd.evaluation.evaluate``).
-
-    Data-parallel: each rank evaluates its contiguous shard of the (first ``eval_max_images``)
-    images, the detections are gathered on rank 0 once, the stats computed there and broadcast.
-    """
-    from detrkd.data.collate import collate
-    from detrkd.evaluation import evaluate
-
-    w = world()
-    max_images = config.eval_max_images
-    part = dataset
-    if w.distributed:
-        count = len(dataset) if max_images is None else min(len(dataset), max_images)
-        part, max_images = Subset(dataset, shard(range(count), w.rank, w.size)), None
-    loader = DataLoader(part, batch_size=max(1, config.data.batch_size // w.size), shuffle=False,
-                        collate_fn=collate, num_workers=config.data.num_workers)
-    device = local_device(config.device)
-
-    def evaluate_fn(model: nn.Module) -> dict[str, float]:
-        return evaluate(model, loader, dataset, device, max_images=max_images,
-                        progress=progress and w.is_main, gather=w.distributed)
-
-    return evaluate_fn
-
-
-def check_device(name: str) -> None:
-    """``ConfigError`` unless ``name`` is a torch device this machine has (cpu, cuda[:i], mps)."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"device {name!r} is not a device name (use cpu, cuda, cuda:1, mps)") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ConfigError(f"device {name!r}: this machine has no usable CUDA device; use --device cpu")
-        if device.index is not None and device.index >= count:
-            raise ConfigError(f"device {name!r}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device {name!r}: MPS is not available on this machine; use --device cpu")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"device {name!r}: detrkd runs on cpu, cuda or mps")
-
-
-def check_model_config(model: Any) -> None:
-    """``ConfigError`` for a ``model`` section that cannot build: unknown family / preset /
-    backbone, a query count < 1, ``overrides`` keys the family's HF config does not have (with a
-    "did you mean") or values it rejects, ``overrides`` with ``pretrained`` (they would be ignored).
-    Builds the HF config only (no weights)."""
-    from detrkd.models import adapter_class, preset_size
-
-    if model.num_queries is not None and model.num_queries < 1:
-        raise ConfigError(f"model.num_queries must be >= 1 (or null: the preset's), got {model.num_queries}")
-    try:
-        cls = adapter_class(model.family)
-        size = preset_size(model.preset, model.backbone) if model.preset is not None else None
-    except ValueError as exc:
-        raise ConfigError(f"model: {exc}") from None
-    if model.pretrained:
-        if model.overrides:
-            raise ConfigError(f"model.overrides {sorted(model.overrides)} would be ignored with model.pretrained "
-                              f"(the checkpoint's config is used): remove them")
-        return
-    known = set(cls._config_class()().to_dict())
-    for key in model.overrides:
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"model.overrides: {key!r} is not a {cls.hf_classes[0]} key{hint}")
-    overrides = dict(model.overrides)
-    if model.num_queries is not None:
-        if "num_queries" in overrides:
-            raise ConfigError("num_queries is given twice (model.num_queries and model.overrides.num_queries): "
-                              "keep one")
-        overrides["num_queries"] = model.num_queries
-    try:
-        cls.make_config(size, 1, **overrides)
-    except Exception as exc:  # HF configs raise TypeError, ValueError or huggingface_hub's validation errors
-        said = " ".join(str(exc).split()) or type(exc).__name__
-        raise ConfigError(f"model.overrides {overrides}: {said}") from None
-    if overrides.get("num_queries", size.queries) < 1:
-        raise ConfigError(f"model.overrides: num_queries must be >= 1, got {overrides['num_queries']}")
-
-
-def check_run_config(config: TrainConfig) -> None:
-    """What can be checked before any data or weights are loaded (``ConfigError``)."""
-    check_device(config.device)
-    check_model_config(config.model)
-
-
-def build_trainer(config: TrainConfig, resume: bool = False, progress: bool = True) -> Trainer:
-    """The ``Trainer`` of plain training of one detector as configured (process group joined)."""
-    from detrkd.data.collate import collate
-
-    check_run_config(config)
-    check_run_dir(Path(config.output_dir), resume)
-    device = setup_runtime(config)
-    data = make_datasets(config)
-    model = make_detector(config, data["train"].num_classes, data["train"].class_names).to(device)
-    evaluate_fn = make_eval_fn(config, data["val"], progress)
-    return Trainer(model, DetectorLoss(model), detector_param_groups(model, config.optim),
-                   data["train"], collate, config, evaluate_fn=evaluate_fn, progress=progress)
-
-
-def train_detector(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Plain training of one detector as configured; returns ``Trainer.summary()``."""
-    return build_trainer(config, resume, progress).fit(resume=resume)

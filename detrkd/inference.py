@@ -1,7 +1,10 @@
-"""Running a detector on one image and drawing or writing what it found (``detrkd predict``).
+"""Running a trained detector: loading it for inference, over a dataset split (``detrkd eval`` /
+``analyze``), on one image, and drawing or writing what it found (``detrkd predict``).
 
+    model, _ = load_for_inference(Path("runs/x/best.pt"), "cpu")
     detections = predict_image(model, image, image_size=None, device="cpu", threshold=0.3)
     draw_detections(image, detections, class_names(model)).save("out.png")
+    model, dataset, data, ann = detector_on_split(Path("runs/x/best.pt"), "val", data="data/digits")
 
 A detection is ``{"label": int, "score": float, "box": [x0, y0, x1, y1]}`` in pixels of the image.
 """
@@ -10,6 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Callable
+
+from detrkd.config import ConfigError
+from detrkd.errors import CheckpointError
 
 PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
            (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 190))
@@ -94,3 +100,56 @@ def output_format(path: Path) -> str:
         raise ValueError(f"--out {path}: unknown output format {suffix or '(no suffix)'!r}; use .json or an "
                          f"image suffix such as .png, .jpg, .webp")
     return fmt
+
+
+def load_for_inference(path: Path, device: str) -> tuple[Any, dict[str, Any] | None]:
+    """(detector in eval mode on ``device``, the run config dict of a .pt checkpoint or None)."""
+    from detrkd.checkpoint import load_checkpoint, load_model_entries
+    from detrkd.models import detector_from_state, load_detector
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        return load_detector(path).to(device).eval(), None
+    state = load_checkpoint(path)
+    if state.get("family") is None or state.get("hf_config") is None:
+        raise CheckpointError(f"{path} holds no detector (no family / hf_config)")
+    model = detector_from_state(state["family"], state["hf_config"])
+    load_model_entries(model, state)
+    return model.to(device).eval(), state.get("config")
+
+
+def eval_data_config(run_config: dict[str, Any] | None, data: str | None = None, image_size: int | None = None,
+                     batch_size: int = 8) -> Any:
+    """The ``DataConfig`` to evaluate on: the checkpoint's data section (``run_config``) with the
+    given data root, image size (default: the run's, else 256) and batch size."""
+    from detrkd.config import DataConfig, coerce
+
+    section = dict(((run_config or {}).get("data")) or {})
+    if data is not None:
+        section["root"] = str(data)
+    if "root" not in section:
+        raise ConfigError("--data is required (the checkpoint does not name its training data)")
+    size = image_size if image_size is not None else int(section.get("image_size", 256))
+    section.update(image_size=size, batch_size=batch_size, num_workers=0)
+    return coerce(section, DataConfig, "data")
+
+
+def detector_on_split(checkpoint: Path, split: str = "val", data: str | None = None, image_size: int | None = None,
+                      batch_size: int = 8, device: str = "cpu") -> tuple[Any, Any, Any, str]:
+    """(detector, dataset of ``split`` with the detector's val transforms, data config, annotation
+    file) for the commands that run a checkpoint over a split; ``image_size`` overrides the
+    detector's own pixels' size."""
+    from detrkd.data.coco import CocoDetection
+    from detrkd.models.processors import inference_pixels
+    from detrkd.recipe import transforms_for
+
+    model, run_config = load_for_inference(checkpoint, device)
+    config = eval_data_config(run_config, data, image_size, batch_size)
+    images, ann = config.split_paths(split)
+    dataset = CocoDetection(images, ann, transforms_for(inference_pixels(model, image_size), "val", config),
+                            invalid_boxes=config.invalid_boxes, on_bad_image=config.on_bad_image)
+    if dataset.num_classes != model.num_classes:
+        raise ValueError(f"the detector has {model.num_classes} classes but {ann} has {dataset.num_classes}")
+    return model, dataset, config, ann

@@ -168,8 +168,9 @@ def _finite(cost: np.ndarray) -> np.ndarray:
 # ---- costs -----------------------------------------------------------------------------------------
 
 
-def class_probabilities(logits: Tensor, class_head: ClassHead) -> Tensor:
-    """[..., K] logits -> [..., K] probabilities (softmax incl. no-object, or per-class sigmoid)."""
+def head_probabilities(logits: Tensor, class_head: ClassHead) -> Tensor:
+    """[..., K] logits -> [..., K] probabilities of every output of the head: softmax INCLUDING the
+    no-object column, or per-class sigmoid (``distill.losses.class_probabilities`` drops no-object)."""
     if class_head == "softmax":
         return logits.softmax(-1)
     if class_head == "sigmoid":
@@ -213,9 +214,9 @@ def pairwise_cost(
     large matrices (900 x 900: 20 vs 60 ms on one thread; fresh [N, M] allocations dominate).
     """
     w = CostWeights(*weights)
-    prob_a = class_probabilities(logits_a, class_head)
+    prob_a = head_probabilities(logits_a, class_head)
     if classes_b.is_floating_point():
-        cls = _soft_class_cost(prob_a, class_probabilities(classes_b, class_head), soft_class)
+        cls = _soft_class_cost(prob_a, head_probabilities(classes_b, class_head), soft_class)
     else:
         cls = _label_class_cost(prob_a, classes_b, class_head, focal, alpha, gamma)
     if out is not None:

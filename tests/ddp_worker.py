@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from detrkd.config import DistillConfig, load_config
-from detrkd.distill.train import build_distill_trainer
+from detrkd.recipe import build_distill_trainer
 from detrkd.distributed import world
-from detrkd.engine import build_trainer
+from detrkd.recipe import build_trainer
 
 
 def trained_state(trainer) -> dict[str, torch.Tensor]:

@@ -12,8 +12,9 @@ import torch
 import detrkd.matching
 from detrkd.distill.active_sampling import (ActiveSampling, SamplingModule, class_distance, prediction_vectors,
                                             sample, sampling_logits, sampling_loss, sampling_weights)
-from detrkd.distill.base import DistillContext, Distiller
-from detrkd.distill.train import build_methods
+from detrkd.config import ConfigError
+from detrkd.distill.base import DistillContext, Distiller, scaled_terms
+from detrkd.distill.methods import build_methods, method_options
 from detrkd.models import build_detector
 from detrkd.models.base import DetectorOutput, Predictions
 
@@ -124,8 +125,8 @@ def test_teacher_samples_reuse_the_sampling_loss_scores(heads):
 def test_class_distances_are_zero_only_at_equality():
     t = torch.tensor([[0.7, 0.1, 0.0, 0.0], [0.9, 0.8, 0.6, 0.1]])  # softmax-like, sigmoid-like (sum > 1)
     for mode in ("kl", "bernoulli"):
-        torch.testing.assert_close(class_distance(t, t.clone(), mode), torch.zeros(2))
-        assert (class_distance(t, t.flip(-1), mode) > 0.1).all()
+        torch.testing.assert_close(class_distance(t.clone(), t, mode), torch.zeros(2))
+        assert (class_distance(t.flip(-1), t, mode) > 0.1).all()
     with pytest.raises(ValueError):
         class_distance(t, t, "bce")
 
@@ -179,7 +180,7 @@ def test_shapes_with_different_query_counts_and_mixed_heads(models, two_image_ba
         t_out = teacher(two_image_batch["pixel_values"], two_image_batch["pixel_mask"])
         s_out = student(two_image_batch["pixel_values"], two_image_batch["pixel_mask"])
     assert t_out.class_head == "sigmoid" and s_out.class_head == "softmax"
-    method = ActiveSampling(teacher, student, hidden=32, points=points)
+    method = ActiveSampling(student, teacher, hidden=32, points=points)
     side = method.teacher_side(t_out, -1)
     y_s = prediction_vectors(*s_out.predictions.layer(-1), "softmax")
     assert side[0].shape == (2, 30, 4 + C) and y_s.shape == (2, 10, 4 + C) and side[1].shape == (2, 30, 32)
@@ -207,16 +208,21 @@ def test_student_equal_to_teacher_gives_zero_distillation(class_kd):
     assert other["l1"] > 1e-2 and other["cls"] > 1e-2
 
 
-def test_weights_scale_the_terms():
+def test_terms_are_unweighted_and_their_weights_are_the_papers():
+    """The method returns the plain terms; its ``terms`` (sampling 1, L1 5, class 1) are applied
+    by the Distiller, and a config's ``terms`` overrides them one by one."""
+    assert ActiveSampling.terms == {"sampling": 1.0, "l1": 5.0, "cls": 1.0}
     logits, boxes = _random_predictions("sigmoid")
     s_logits, s_boxes = _random_predictions("sigmoid", q=10, seed=3)
     ctx = _ctx(_output(logits, boxes, "sigmoid"), _output(s_logits, s_boxes, "sigmoid"))
     torch.manual_seed(0)
-    base = ActiveSampling(num_classes=C, hidden=32, sampling_weight=1, bbox_weight=1, cls_weight=1)(ctx)
-    torch.manual_seed(0)
-    scaled = ActiveSampling(num_classes=C, hidden=32, sampling_weight=2, bbox_weight=5, cls_weight=3)(ctx)
-    for name, w in (("sampling", 2), ("l1", 5), ("cls", 3)):
-        torch.testing.assert_close(scaled[name], w * base[name])
+    raw = ActiveSampling(num_classes=C, hidden=32)(ctx)
+    _, weights = method_options("active_sampling", {"weight": 2.0, "terms": {"sampling": 3.0}})
+    scaled = scaled_terms("active_sampling", raw, weights)
+    for name, w in (("sampling", 6.0), ("l1", 10.0), ("cls", 2.0)):
+        torch.testing.assert_close(scaled[f"active_sampling/{name}"], w * raw[name])
+    with pytest.raises(ConfigError, match=r"methods\.active_sampling\.bbox_weight: per-term weights are .*terms now, a mapping of sampling, l1, cls"):
+        method_options("active_sampling", {"bbox_weight": 5.0})
 
 
 def test_rebalance_weights_points_by_teacher_confidence(monkeypatch):
@@ -253,7 +259,7 @@ def test_gradient_routing(models, two_image_batch, points):
         t_out = teacher(two_image_batch["pixel_values"], two_image_batch["pixel_mask"])  # WITH a graph: the method must detach
         s_out = student(two_image_batch["pixel_values"], two_image_batch["pixel_mask"])
         assert t_out.predictions.logits.requires_grad
-        method = ActiveSampling(teacher, student, hidden=32, points=points, layers="all")
+        method = ActiveSampling(student, teacher, hidden=32, points=points, layers="all")
         terms = method(_ctx(t_out, s_out, teacher, student))
         for name, expect in (("sampling", "asm"), ("l1", "student"), ("cls", "student")):
             for m in (teacher, student, method):
@@ -276,8 +282,8 @@ def test_gradient_routing(models, two_image_batch, points):
 def test_distiller_step_end_to_end(models, two_image_batch):
     teacher, student = models
     methods, weights = build_methods({"active_sampling": {"weight": 2.0, "hidden": 32, "layers": "all",
-                                                          "temperature": 4.0}}, teacher, student)
-    distiller = Distiller(teacher, student, methods, weights).train()
+                                                          "temperature": 4.0}}, student, teacher)
+    distiller = Distiller(student, teacher, methods, weights).train()
     assert "active_sampling" in distiller.trainable_modules()
     loss, terms = distiller(two_image_batch)
     assert {"active_sampling/sampling", "active_sampling/l1", "active_sampling/cls"} <= set(terms)
@@ -324,7 +330,7 @@ def test_no_matching_inside_the_method(models, two_image_batch, monkeypatch):
         detrkd.matching.linear_assignment(np.eye(3))
     calls["inside"] = 0
 
-    method = ActiveSampling(teacher, student, hidden=32, layers="all", points="teacher+student")
+    method = ActiveSampling(student, teacher, hidden=32, layers="all", points="teacher+student")
     forward = method.forward
 
     def guarded_forward(ctx):
@@ -332,7 +338,7 @@ def test_no_matching_inside_the_method(models, two_image_batch, monkeypatch):
             return forward(ctx)
 
     monkeypatch.setattr(method, "forward", guarded_forward)
-    loss, _ = Distiller(teacher, student, {"active_sampling": method}).train()(two_image_batch)
+    loss, _ = Distiller(student, teacher, {"active_sampling": method}).train()(two_image_batch)
     loss.backward()
     student.zero_grad(set_to_none=True)
     assert calls["inside"] == 0
@@ -340,8 +346,10 @@ def test_no_matching_inside_the_method(models, two_image_batch, monkeypatch):
 
 
 def test_bad_options_are_rejected():
-    for bad in ({"points": "student"}, {"class_kd": "l2"}, {"layers": "first"}, {"temperature": 0}):
-        with pytest.raises(ValueError):
-            ActiveSampling(num_classes=C, **bad)
+    for bad in ({"points": "student"}, {"class_kd": "l2"}, {"layers": "first"}):
+        with pytest.raises(ConfigError, match=fr"methods\.active_sampling\.{next(iter(bad))}: expected one of"):
+            method_options("active_sampling", bad)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        ActiveSampling(num_classes=C, temperature=0)
     with pytest.raises(ValueError, match="num_classes"):
         ActiveSampling()

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 
 from detrkd.distill.agfd import AGFD, chosen_queries, foreground_mask
 from detrkd.distill.features import masked_feature_mse, token_batch_norm
-from detrkd.distill.base import DistillContext, Distiller
+from detrkd.config import ConfigError
+from detrkd.distill.base import DistillContext, Distiller, Weights
+from detrkd.distill.methods import method_options
 from detrkd.distill.query_selection import QuerySelection
 from detrkd.models import build_detector
 from detrkd.models.base import DetectorOutput, EncoderMemory, Predictions, Queries
@@ -105,8 +107,8 @@ def test_switches_select_the_right_queries():
     layer = ctx.teacher_out.predictions.num_layers - 1
     assert set(ctx.cache) == {f"gqs/teacher/layer{layer}/threshold{t}" for t in (0.0, 0.5)}
     assert AGFD(8, 8, mask="none").token_mask(ctx).tolist() == [[1.0] * 6]
-    with pytest.raises(ValueError, match="unknown AGFD mask"):
-        AGFD(8, 8, mask="negatives")
+    with pytest.raises(ConfigError, match=r"methods\.agfd\.mask: expected one of 'gqs', 'all'"):
+        method_options("agfd", {"mask": "negatives"})
 
 
 def test_all_mask_gives_zero_weight_to_images_without_gt():
@@ -160,8 +162,8 @@ def test_attention_mask_loss_matches_hand_formula():
     torch.testing.assert_close(AGFD(8, 8, adapter=False)(ctx)["feature"], expected)
     # BN makes the loss invariant to the mask's global scale (up to eps)
     valid = torch.ones(1, 6, dtype=torch.bool)
-    torch.testing.assert_close(masked_feature_mse(t, s, weight / 6, valid, eps=1e-12),
-                               masked_feature_mse(t, s, weight, valid, eps=1e-12), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(masked_feature_mse(s, t, weight / 6, valid, eps=1e-12),
+                               masked_feature_mse(s, t, weight, valid, eps=1e-12), atol=1e-5, rtol=1e-5)
 
 
 def test_loss_is_zero_for_identical_features():
@@ -180,7 +182,7 @@ def test_missing_teacher_attention_and_width_errors():
     with pytest.raises(ValueError, match="with_attention=True"):
         AGFD(8, 8)(ctx)
     with pytest.raises(ValueError, match="student width 16"):
-        AGFD(8, 16, mask="none")(ctx)
+        AGFD(16, 8, mask="none")(ctx)
 
 
 def test_mismatched_widths_without_a_connector_name_both_widths():
@@ -188,7 +190,7 @@ def test_mismatched_widths_without_a_connector_name_both_widths():
     ctx = hand_ctx(hand_output(t), hand_output(s))
     with pytest.raises(ValueError, match=r"teacher width 8 \(no connector\).*teacher memory has width 16"):
         AGFD(8, 8, mask="none")(ctx)  # built as if both were 8 wide: no connector to bridge 8 -> 16
-    assert AGFD(16, 8, mask="none")(ctx)["feature"].isfinite()  # built from the real widths: connector
+    assert AGFD(8, 16, mask="none")(ctx)["feature"].isfinite()  # built from the real widths: connector
 
 
 def test_grid_mismatch_raises_naming_both_shapes():
@@ -204,13 +206,13 @@ def test_grid_mismatch_raises_naming_both_shapes():
 def test_connector_only_when_widths_differ_and_adapter_at_teacher_width():
     teacher = build_detector("rt_detr", "tiny", NUM_CLASSES, d_model=128)
     student = build_detector("rt_detr", "tiny", NUM_CLASSES)
-    m = AGFD(teacher, student, adapter=True)
+    m = AGFD(student, teacher, adapter=True)
     assert (m.connector.in_features, m.connector.out_features) == (64, 128)
     assert m.adapter.attn.embed_dim == 128 and m.adapter.attn.num_heads == teacher.config.encoder_attention_heads
     assert m.adapter.ffn[0].out_features == teacher.config.encoder_ffn_dim
     assert AGFD(student, student).connector is None
     assert AGFD(student, student).adapter is None  # off by default (equal encoder depth)
-    assert AGFD(96, 64, adapter=True, adapter_heads=5).adapter.attn.num_heads == 1  # gcd(96, 5)
+    assert AGFD(64, 96, adapter=True, adapter_heads=5).adapter.attn.num_heads == 1  # gcd(96, 5)
     out = m.student_features(torch.randn(2, 21, 64), torch.tensor([[4, 4], [2, 2], [1, 1]]),
                              torch.zeros(2, 21, dtype=torch.bool))
     assert out.shape == (2, 21, 128) and torch.isfinite(out).all()
@@ -244,11 +246,11 @@ def test_distiller_step(family, t_over, s_over, padded):
     torch.manual_seed(0)
     teacher = build_detector(family, "tiny", NUM_CLASSES, **t_over)
     student = build_detector(family, "tiny", NUM_CLASSES, **s_over)
-    method = AGFD(teacher, student, adapter=True)
-    distiller = Distiller(teacher, student, {"agfd": method}, {"agfd": 50.0}).train()
+    method = AGFD(student, teacher, adapter=True)
+    distiller = Distiller(student, teacher, {"agfd": method}, {"agfd": Weights(50.0, {"feature": 1.0})}).train()
     b = batch(padded)
     loss, terms = distiller(b)
-    assert torch.isfinite(loss) and set(terms) == {"det/loss", "agfd/feature"}
+    assert torch.isfinite(loss) and set(terms) == {"det/loss", "agfd/feature", "agfd/feature:unscaled"}
     assert terms["agfd/feature"].item() > 0
     terms["agfd/feature"].backward(retain_graph=True)  # the AGFD term alone: its gradients only
     learned = list(method.adapter.parameters()) + (list(method.connector.parameters()) if method.connector else [])

@@ -18,7 +18,7 @@ from detrkd.data.coco import CocoDetection
 from detrkd.data.collate import collate
 from detrkd.data.digits import make_digits_dataset
 from detrkd.distill.query_selection import TABLE1_THRESHOLDS, group_query_selection
-from detrkd.engine import transforms_for
+from detrkd.recipe import transforms_for
 from detrkd.models.processors import imagenet_pixels
 from detrkd.models import build_detector, save_detector
 

@@ -11,7 +11,7 @@ from detrkd.bench.accuracy import ROWS, SUITES, Preset, markdown, run_suite
 from detrkd.bench.overhead import FLOOR, STUDENT, Pair, method_specs, run_overhead
 from detrkd.cli import main
 from detrkd.config import DistillConfig, load_config
-from detrkd.distill.train import build_methods
+from detrkd.distill.methods import build_methods
 from detrkd.models import build_detector
 from detrkd.provenance import git_sha
 
@@ -31,7 +31,7 @@ def test_every_row_is_a_valid_run(name, monkeypatch):
     config = load_config(row.config, row.sets, schema=DistillConfig)
     assert config.methods, name
     teacher, student = (build_detector("rt_detr", p, 10) for p in ("small", "tiny"))
-    methods, _ = build_methods(config.methods, teacher, student)
+    methods, _ = build_methods(config.methods, student, teacher)
     assert set(methods) == set(config.methods)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from detrkd.cli import build_parser, main, train_overrides
-from detrkd.config import ConfigError, DistillConfig, load_config
+from detrkd.config import DistillConfig, load_config
 from detrkd.distill.catalog import RECIPES, SUMMARIES
 
 REPO = Path(__file__).resolve().parents[1]

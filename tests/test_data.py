@@ -546,7 +546,7 @@ def test_hflip_off_never_mirrors():
 
 def test_engine_picks_square_inputs_for_mask_blind_families():
     from detrkd.config import DataConfig
-    from detrkd.engine import transforms_for
+    from detrkd.recipe import transforms_for
     from detrkd.models.processors import family_pixels, imagenet_pixels
 
     data = DataConfig(root=".", image_size=64, hflip=False)

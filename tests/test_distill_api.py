@@ -10,15 +10,18 @@ import torch
 from torch import Tensor
 
 from detrkd.config import ConfigError, DistillConfig, load_config
-from detrkd.distill.base import DistillContext, DistillMethod, Distiller
-from detrkd.distill.train import build_methods, init_from_teacher
+from detrkd.distill.base import DistillContext, DistillMethod, Distiller, Weights
+from detrkd.distill.methods import build_methods
+from detrkd.recipe import init_from_teacher
 from detrkd.models import build_detector, save_detector
 
 
 class FinalBoxMSE(DistillMethod):
     """A minimal method for API tests: MSE of the first k final-layer boxes (query i to i)."""
 
-    def __init__(self, teacher=None, student=None, k: int = 5, scale: float = 1.0):
+    terms = {"mse": 1.0}
+
+    def __init__(self, student=None, teacher=None, k: int = 5, scale: float = 1.0):
         super().__init__()
         self.k, self.scale = k, scale
 
@@ -37,23 +40,34 @@ def pair():
     return teacher, student
 
 
-def test_terms_are_named_weighted_and_sum_to_the_loss(pair, two_image_batch):
+def test_terms_are_named_weighted_in_one_place_and_sum_to_the_loss(pair, two_image_batch):
+    """lambda and the per-term weight are applied by the Distiller; both the scaled and the
+    method's own (unscaled) value are reported, and the scaled ones add up to the loss."""
     teacher, student = pair
-    distiller = Distiller(teacher, student, {"boxes": FinalBoxMSE()}, {"boxes": 3.0}).train()
+    distiller = Distiller(student, teacher, {"boxes": FinalBoxMSE()}, {"boxes": Weights(3.0, {"mse": 2.0})}).train()
     loss, terms = distiller(two_image_batch)
-    assert set(terms) == {"det/loss", "boxes/mse"}
+    assert set(terms) == {"det/loss", "boxes/mse", "boxes/mse:unscaled"}
     torch.testing.assert_close(loss, terms["det/loss"] + terms["boxes/mse"])
-    unweighted = Distiller(teacher, student, {"boxes": FinalBoxMSE()}).train()
+    torch.testing.assert_close(terms["boxes/mse"], 6.0 * terms["boxes/mse:unscaled"])
+    default = Distiller(student, teacher, {"boxes": FinalBoxMSE()}).train()  # lambda 1, the class's terms
     torch.manual_seed(2)
-    _, a = unweighted(two_image_batch)
+    _, a = default(two_image_batch)
     torch.manual_seed(2)
     _, b = distiller(two_image_batch)
-    torch.testing.assert_close(b["boxes/mse"], 3.0 * a["boxes/mse"])
+    torch.testing.assert_close(a["boxes/mse"], a["boxes/mse:unscaled"])
+    torch.testing.assert_close(b["boxes/mse"], 6.0 * a["boxes/mse"])
+
+
+def test_a_term_without_a_weight_is_an_error(pair, two_image_batch):
+    teacher, student = pair
+    distiller = Distiller(student, teacher, {"boxes": FinalBoxMSE()}, {"boxes": Weights(1.0, {"l1": 1.0})}).train()
+    with pytest.raises(KeyError, match=r"method boxes returned term\(s\) \['mse'\] without a weight"):
+        distiller(two_image_batch)
 
 
 def test_teacher_is_frozen_and_stays_in_eval_mode(pair, two_image_batch):
     teacher, student = pair
-    distiller = Distiller(teacher, student, {"boxes": FinalBoxMSE()})
+    distiller = Distiller(student, teacher, {"boxes": FinalBoxMSE()})
     distiller.train()
     assert not teacher.training and student.training
     assert not any(p.requires_grad for p in teacher.parameters())
@@ -65,7 +79,7 @@ def test_teacher_is_frozen_and_stays_in_eval_mode(pair, two_image_batch):
 
 def test_no_methods_is_plain_detection_training(pair, two_image_batch):
     teacher, student = pair
-    distiller = Distiller(teacher, student, {}).train()
+    distiller = Distiller(student, teacher, {}).train()
     torch.manual_seed(3)
     loss, terms = distiller(two_image_batch)
     torch.manual_seed(3)
@@ -78,17 +92,17 @@ def test_class_sets_must_agree(pair):
     teacher, _ = pair
     other = build_detector("rt_detr", "tiny", 7)
     with pytest.raises(ValueError, match="predicts 4 classes but the student .* predicts 7"):
-        Distiller(teacher, other, {})
+        Distiller(other, teacher, {})
     named = build_detector("rt_detr", "tiny", 4, id2label={0: "a", 1: "b", 2: "c", 3: "d"})
     renamed = build_detector("rt_detr", "tiny", 4, id2label={0: "a", 1: "b", 2: "x", 3: "d"})
     with pytest.raises(ValueError, match="class names differ"):
-        Distiller(named, renamed, {})
-    Distiller(teacher, named, {})  # HF's default names ("LABEL_i") mean "unnamed": no conflict
+        Distiller(renamed, named, {})
+    Distiller(named, teacher, {})  # HF's default names ("LABEL_i") mean "unnamed": no conflict
 
 
 def test_teacher_of_the_wrong_family_or_class_set_names_the_file(pair, tmp_path):
     from detrkd.checkpoint import model_entries, save_checkpoint
-    from detrkd.distill.train import load_teacher
+    from detrkd.recipe import load_teacher
 
     teacher, _ = pair
     base = {"model": {"family": "rt_detr", "preset": "tiny"}, "data": {"root": "d"}}
@@ -115,21 +129,28 @@ def test_teacher_of_the_wrong_family_or_class_set_names_the_file(pair, tmp_path)
 def test_weights_for_unknown_methods_are_rejected(pair):
     teacher, student = pair
     with pytest.raises(ValueError, match="unknown methods"):
-        Distiller(teacher, student, {"boxes": FinalBoxMSE()}, {"boxe": 1.0})
+        Distiller(student, teacher, {"boxes": FinalBoxMSE()}, {"boxe": Weights(1.0, {})})
 
 
 def test_build_methods_names_bad_options(pair, monkeypatch):
-    import detrkd.distill.train as train
+    import detrkd.distill.methods as methods_module
 
     teacher, student = pair
-    monkeypatch.setattr(train, "method_class", lambda name: FinalBoxMSE)
-    methods, weights = build_methods({"boxes": {"weight": 2, "k": 3}}, teacher, student)
-    assert weights == {"boxes": 2.0} and methods["boxes"].k == 3
-    with pytest.raises(ConfigError, match=r"methods\.boxes: .*valid options: weight, k, scale"):
-        build_methods({"boxes": {"kk": 3}}, teacher, student)
+    monkeypatch.setitem(methods_module.METHODS, "boxes", FinalBoxMSE)
+    methods, weights = build_methods({"boxes": {"weight": 2, "k": 3, "terms": {"mse": 4}}}, student, teacher)
+    assert weights == {"boxes": Weights(2.0, {"mse": 4.0})} and methods["boxes"].k == 3
+    assert build_methods({"boxes": {}}, student, teacher)[1] == {"boxes": Weights(1.0, {"mse": 1.0})}
+    with pytest.raises(ConfigError, match=r"methods\.boxes: .*valid options: weight, terms, k, scale"):
+        build_methods({"boxes": {"kk": 3}}, student, teacher)
+    with pytest.raises(ConfigError, match=r"methods\.boxes\.k: expected int, got 'three'"):
+        build_methods({"boxes": {"k": "three"}}, student, teacher)
+    with pytest.raises(ConfigError, match=r"methods\.boxes\.terms: unknown term\(s\) \['l1'\]; boxes's terms: mse"):
+        build_methods({"boxes": {"terms": {"l1": 5}}}, student, teacher)
+    with pytest.raises(ConfigError, match=r"methods\.boxes\.weight: expected float, got 'big'"):
+        build_methods({"boxes": {"weight": "big"}}, student, teacher)
     monkeypatch.undo()
     with pytest.raises(ConfigError, match="unknown distillation method 'nope'"):
-        build_methods({"nope": {}}, teacher, student)
+        build_methods({"nope": {}}, student, teacher)
 
 
 def test_init_from_teacher_copies_matching_tensors():
@@ -180,7 +201,7 @@ def test_cli_distill_runs_and_resumes(tmp_path: Path, capsys):
 
 def test_no_methods_skips_the_teacher_forward(pair, two_image_batch, monkeypatch):
     teacher, student = pair
-    distiller = Distiller(teacher, student, {}).train()
+    distiller = Distiller(student, teacher, {}).train()
     monkeypatch.setattr(teacher, "forward", lambda *a, **k: pytest.fail("teacher ran without methods"))
     loss, terms = distiller(two_image_batch)
     assert list(terms) == ["det/loss"] and torch.isfinite(loss)
@@ -191,7 +212,7 @@ def test_a_methods_own_parameters_get_its_optim_options(tmp_path: Path):
     teacher's: under the student's 300-step warm-up it sampled uniformly for ~300 steps), the
     student keeps its warm-up; asm_warmup: true restores the shared schedule."""
     from detrkd.data.digits import make_digits_dataset
-    from detrkd.distill.train import build_distill_trainer
+    from detrkd.recipe import build_distill_trainer
 
     make_digits_dataset(tmp_path / "data", train_images=4, val_images=2, image_size=64)
     save_detector(build_detector("rt_detr", "tiny", 10), tmp_path / "teacher")

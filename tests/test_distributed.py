@@ -157,8 +157,8 @@ def ddp_results(tmp: Path, proc: subprocess.Popen) -> dict:
 
 
 def single_process(tmp: Path, run: str) -> tuple[dict[str, torch.Tensor], dict]:
-    from detrkd.distill.train import build_distill_trainer
-    from detrkd.engine import build_trainer
+    from detrkd.recipe import build_distill_trainer
+    from detrkd.recipe import build_trainer
 
     job = json.loads((tmp / "job.json").read_text())
     raw = {**job[run], "output_dir": str(tmp / f"{run}_single")}

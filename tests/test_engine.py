@@ -266,7 +266,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, stop_at):
 # ---- detector wiring ------------------------------------------------------------------------
 def test_make_detector_random_and_from_a_pretrained_checkpoint(tmp_path):
     from detrkd.checkpoint import model_entries, save_checkpoint
-    from detrkd.engine import make_detector
+    from detrkd.recipe import make_detector
 
     cfg = load_config({"model": {"family": "deformable_detr", "preset": "tiny", "num_queries": 7},
                        "data": {"root": str(tmp_path)}})

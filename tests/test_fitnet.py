@@ -11,7 +11,7 @@ from detrkd.config import ConfigError
 from detrkd.distill.features import token_batch_norm
 from detrkd.distill.base import DistillContext, Distiller
 from detrkd.distill.fitnet import FitNet, level_token_mask
-from detrkd.distill.train import METHODS, build_methods
+from detrkd.distill.methods import METHODS, build_methods, method_options
 from detrkd.models import build_detector
 from detrkd.models.base import DetectorOutput, EncoderMemory, Predictions, Queries
 
@@ -51,8 +51,8 @@ def test_levels_choose_tokens_and_are_checked():
     torch.testing.assert_close(loss, F.mse_loss(s[:, 4:], t[:, 4:]))
     with pytest.raises(ValueError, match=r"FitNet levels \[2\] out of range: the memory has 2 level"):
         FitNet(4, 4, levels=[2])(_ctx(_output(t), _output(s)))
-    with pytest.raises(ValueError, match="fitnet levels must be 'all' or a list"):
-        FitNet(4, 4, levels="last")
+    with pytest.raises(ConfigError, match=r"methods\.fitnet\.levels: expected"):
+        method_options("fitnet", {"levels": "last"})
 
 
 def test_batch_norm_option():
@@ -71,12 +71,12 @@ def test_zero_loss_for_identical_features():
 def test_connector_shapes_and_width_errors():
     assert FitNet(8, 8).connector is None
     assert isinstance(FitNet(8, 8, connector="always").connector, torch.nn.Linear)
-    method = FitNet(8, 4)
+    method = FitNet(4, 8)
     assert method.connector.in_features == 4 and method.connector.out_features == 8
     with pytest.raises(ValueError, match="student memory width 4 differs from the teacher's 8 and connector is 'none'"):
-        FitNet(8, 4, connector="none")
-    with pytest.raises(ValueError, match="fitnet connector must be one of"):
-        FitNet(8, 4, connector="yes")
+        FitNet(4, 8, connector="none")
+    with pytest.raises(ConfigError, match=r"methods\.fitnet\.connector: expected one of 'auto', 'always', 'none'"):
+        method_options("fitnet", {"connector": "yes"})
     with pytest.raises(ValueError, match="built for a student width 4, but the student memory has width 6"):
         method(_ctx(_output(torch.randn(1, 6, 8)), _output(torch.randn(1, 6, 6))))
 
@@ -89,22 +89,22 @@ def test_grid_mismatch_names_both_grids():
 def test_gradients_reach_student_and_connector_only():
     t = torch.randn(2, 6, 8, requires_grad=True)
     s = torch.randn(2, 6, 4, requires_grad=True)
-    method = FitNet(8, 4)
+    method = FitNet(4, 8)
     method(_ctx(_output(t), _output(s)))["feature"].backward()
     assert t.grad is None and s.grad.abs().sum() > 0
     assert method.connector.weight.grad.abs().sum() > 0
 
 
 def test_distiller_step_with_connector_combined_with_global_alignment(two_image_batch):
-    assert METHODS["fitnet"] == "fitnet:FitNet"
+    assert METHODS["fitnet"] is FitNet
     torch.manual_seed(0)
     teacher = build_detector("rt_detr", "tiny", 4)
     student = build_detector("rt_detr", "tiny", 4, num_queries=20, d_model=32)
-    with pytest.raises(ConfigError, match=r"methods\.fitnet: .*valid options: weight, levels, connector"):
-        build_methods({"fitnet": {"level": [0]}}, teacher, student)
+    with pytest.raises(ConfigError, match=r"methods\.fitnet: .*valid options: weight, terms, levels, connector"):
+        build_methods({"fitnet": {"level": [0]}}, student, teacher)
     methods, weights = build_methods({"fitnet": {"weight": 3.0}, "global_alignment": {"layers": "last"}},
-                                     teacher, student)
-    distiller = Distiller(teacher, student, methods, weights).train()
+                                     student, teacher)
+    distiller = Distiller(student, teacher, methods, weights).train()
     assert set(distiller.trainable_modules()) == {"fitnet"}  # the connector is trained with the student
     loss, terms = distiller(two_image_batch)
     assert {"fitnet/feature", "global_alignment/l1"} <= set(terms) and terms["fitnet/feature"] > 0

@@ -12,8 +12,8 @@ from detrkd.config import ConfigError
 from detrkd.distill.base import DistillContext, Distiller
 from detrkd.distill.global_alignment import (GlobalAlignment, global_alignment, reference_alignment,
                                              solve_costs, stack_layer_pairs)
-from detrkd.distill.lapd import prediction_cost
-from detrkd.distill.train import METHODS, build_methods
+from detrkd.distill.methods import METHODS, build_methods, method_options
+from detrkd.distill.pairing import prediction_cost
 from detrkd.models import build_detector
 from detrkd.models.base import DetectorOutput, EncoderMemory, Predictions, Queries
 
@@ -69,7 +69,7 @@ def test_solve_costs_equals_scipy_optimum(shape, solver, workers):
 def test_alignment_equals_scipy_optimum_and_reference(qt, qs, workers):
     t_logits, t_boxes = _random_preds(1, 4, qt, seed=qt)
     s_logits, s_boxes = _random_preds(1, 4, qs, seed=qs + 1)
-    args = (t_logits[0], t_boxes[0], s_logits[0], s_boxes[0], SIGMOID)
+    args = (s_logits[0], s_boxes[0], t_logits[0], t_boxes[0], SIGMOID)
     cost = prediction_cost(*args).numpy()  # the allocating path: also checks the in-place one
     # small chunks: several chunks per call
     align, timing = global_alignment(*args, workers=workers, chunk_elements=2 * qt * qs)
@@ -88,17 +88,17 @@ def test_known_permutation_and_unequal_counts():
     s_logits = torch.stack([t_logits[0, b, p] for b, p in enumerate(perms)])
     s_boxes = torch.stack([t_boxes[0, b, p] + 0.002 for b, p in enumerate(perms)])
     for keep in (8, 5):
-        align, _ = global_alignment(t_logits[0], t_boxes[0], s_logits[:, :keep], s_boxes[:, :keep], SIGMOID)
+        align, _ = global_alignment(s_logits[:, :keep], s_boxes[:, :keep], t_logits[0], t_boxes[0], SIGMOID)
         got = {(int(t) // 8, int(t) % 8, int(s) % keep) for t, s in zip(align.teacher, align.student)}
         assert got == {(b, int(perms[b][j]), j) for b in range(2) for j in range(keep)}
 
 
 def test_pairwise_cost_out_equals_allocating_path():
-    for heads in (SIGMOID, ("softmax", "sigmoid"), ("softmax", "softmax")):
-        t_logits, t_boxes = _random_preds(1, 2, 9, classes=3 + (heads[0] == "softmax"), seed=7)
-        s_logits, s_boxes = _random_preds(1, 2, 6, classes=3 + (heads[1] == "softmax"), seed=8)
+    for heads in (SIGMOID, ("sigmoid", "softmax"), ("softmax", "softmax")):  # (student, teacher)
+        t_logits, t_boxes = _random_preds(1, 2, 9, classes=3 + (heads[1] == "softmax"), seed=7)
+        s_logits, s_boxes = _random_preds(1, 2, 6, classes=3 + (heads[0] == "softmax"), seed=8)
         t_boxes[0, 0, 0, 2:] = 0.0  # a degenerate box stays finite
-        args = (t_logits[0], t_boxes[0], s_logits[0], s_boxes[0], heads)
+        args = (s_logits[0], s_boxes[0], t_logits[0], t_boxes[0], heads)
         out = torch.full((2, 9, 6), float("nan"))
         torch.testing.assert_close(prediction_cost(*args, out=out), prediction_cost(*args))
         assert torch.isfinite(out).all()
@@ -154,11 +154,11 @@ def test_teacher_score_weighting_and_layer_mean():
     t_logits, t_boxes = _random_preds(1, 2, 6, seed=5)
     s_logits, s_boxes = _random_preds(1, 2, 6, seed=6)
     ctx = _ctx(_output(t_logits, t_boxes), _output(s_logits, s_boxes))
-    align, _ = global_alignment(t_logits[0], t_boxes[0], s_logits[0], s_boxes[0], SIGMOID)
+    align, _ = global_alignment(s_logits[0], s_boxes[0], t_logits[0], t_boxes[0], SIGMOID)
     t_l1 = t_boxes[0].flatten(0, 1)[align.teacher]
     s_l1 = s_boxes[0].flatten(0, 1)[align.student]
     w = t_logits[0].flatten(0, 1)[align.teacher].sigmoid().max(-1).values
-    expected = 5 * (w * (s_l1 - t_l1).abs().sum(-1)).sum() / w.sum()
+    expected = (w * (s_l1 - t_l1).abs().sum(-1)).sum() / w.sum()  # unweighted: the Distiller applies 5
     torch.testing.assert_close(GlobalAlignment(weighting="teacher_score")(ctx)["l1"], expected)
     ctx2 = _ctx(_output(t_logits.repeat(2, 1, 1, 1), t_boxes.repeat(2, 1, 1, 1)),
                 _output(s_logits.repeat(2, 1, 1, 1), s_boxes.repeat(2, 1, 1, 1)))
@@ -168,13 +168,13 @@ def test_teacher_score_weighting_and_layer_mean():
 
 
 def test_options_are_checked_and_named():
-    assert METHODS["global_alignment"] == "global_alignment:GlobalAlignment"
+    assert METHODS["global_alignment"] is GlobalAlignment
     for bad in ({"solver": "hungarian"}, {"layers": "first"}, {"weighting": "score"}, {"class_kd": "mse"}):
-        with pytest.raises(ValueError, match=f"global_alignment {next(iter(bad))} must be one of"):
-            GlobalAlignment(**bad)
+        with pytest.raises(ConfigError, match=fr"methods\.global_alignment\.{next(iter(bad))}: expected one of"):
+            method_options("global_alignment", bad)
     with pytest.raises(ValueError, match="workers must be >= 0"):
         GlobalAlignment(workers=-1)
-    with pytest.raises(ConfigError, match=r"methods\.global_alignment: .*valid options: weight, layers"):
+    with pytest.raises(ConfigError, match=r"methods\.global_alignment: .*valid options: weight, terms, layers"):
         build_methods({"global_alignment": {"solvr": "scipy"}}, None, None)
 
 
@@ -183,8 +183,8 @@ def test_combined_with_agfd_in_a_distiller_step(two_image_batch):
     teacher = build_detector("rt_detr", "tiny", 4)
     student = build_detector("rt_detr", "tiny", 4, num_queries=20, d_model=32)
     methods, weights = build_methods({"global_alignment": {"weight": 2.0, "workers": 1},
-                                      "agfd": {"weight": 50.0}}, teacher, student)
-    loss, terms = Distiller(teacher, student, methods, weights).train()(two_image_batch)
+                                      "agfd": {"weight": 50.0}}, student, teacher)
+    loss, terms = Distiller(student, teacher, methods, weights).train()(two_image_batch)
     assert {"global_alignment/cls", "global_alignment/l1", "global_alignment/giou", "agfd/feature"} <= set(terms)
     assert torch.isfinite(loss) and terms["global_alignment/l1"] > 0
     loss.backward()

@@ -16,9 +16,10 @@ from detrkd.box_ops import cxcywh_to_xyxy
 from detrkd.config import ConfigError
 from detrkd.distill.base import DistillContext, Distiller
 from detrkd.distill.kd_detr import (BASELINES, KDDETR, Aligned, aligned_losses, decode_groups,
-                                    foreground_pairs, foreground_weight, group_mask, inconsistent_pairs,
+                                    foreground_pairs, group_mask, inconsistent_pairs,
                                     sample_general_points, specific_points, unmatched_mean)
-from detrkd.distill.train import build_methods
+from detrkd.distill.losses import foreground_weight
+from detrkd.distill.methods import build_methods, method_options
 from detrkd.models import build_detector
 from detrkd.models.base import DetectorOutput, Predictions, Queries
 
@@ -214,15 +215,16 @@ def test_foreground_weight_and_official_loss_by_hand():
     p = (t_logits / 10).softmax(-1)
     kl = (p * (p * 3).log()).sum(-1) * 100 / 3  # student uniform; T^2 = 100; class mean over C = 3
     # row 1: [.2,.2,.4,.4] vs [.25,.2,.45,.4]: IoU = .03 / .05 = .6, enclosing = union -> GIoU = .6
-    expected = {"cls": (w * kl).sum(), "l1": 5 * w[1] * 0.05 / 4 / w.sum(), "giou": 2 * w[1] * 0.4 / w.sum()}
+    # unweighted (the Distiller applies the class / L1 / GIoU weights 1 / 5 / 2)
+    expected = {"cls": (w * kl).sum(), "l1": w[1] * 0.05 / 4 / w.sum(), "giou": w[1] * 0.4 / w.sum()}
     terms = aligned_losses(Aligned(s_logits, s_boxes, t_logits, t_boxes), ("sigmoid", "sigmoid"))
     for k in expected:
         torch.testing.assert_close(terms[k], expected[k], atol=1e-6, rtol=1e-5)
     flat = aligned_losses(Aligned(s_logits, s_boxes, t_logits, t_boxes), ("sigmoid", "sigmoid"), rebalance=False)
-    torch.testing.assert_close(flat["giou"], torch.tensor(2 * 0.4 / 2))
+    torch.testing.assert_close(flat["giou"], torch.tensor(0.4 / 2))
     mean = aligned_losses(Aligned(s_logits, s_boxes, t_logits, t_boxes), ("sigmoid", "sigmoid"), normalise="mean")
     torch.testing.assert_close(mean["cls"], (w * kl * 3).sum() / w.sum())  # summed over classes
-    torch.testing.assert_close(mean["l1"], 5 * w[1] * 0.05 / w.sum())  # summed over coordinates
+    torch.testing.assert_close(mean["l1"], w[1] * 0.05 / w.sum())  # summed over coordinates
 
 
 def test_gradients_reach_the_student_not_the_teacher(rt_teacher, rt_student):
@@ -290,10 +292,10 @@ def test_heterogeneous_teacher_and_student(teacher_kwargs, student_kwargs):
 
 
 def test_table1_pair_helpers_by_hand():
-    align = inconsistent_pairs(2, num_teacher=4, num_student=3)
+    align = inconsistent_pairs(2, num_student=3, num_teacher=4)
     assert align.teacher.tolist() == [0, 1, 2, 4, 5, 6] and align.student.tolist() == [0, 1, 2, 3, 4, 5]
     t_pos, s_pos = torch.tensor([[2, 0], [-1, 1]]), torch.tensor([[1, 3], [0, 2]])
-    align = foreground_pairs(t_pos, s_pos, num_teacher=4, num_student=5)
+    align = foreground_pairs(s_pos, t_pos, num_student=5, num_teacher=4)
     assert align.teacher.tolist() == [2, 0, 5] and align.student.tolist() == [1, 3, 7]
     x = torch.arange(6.0).view(2, 3, 1)
     mean, valid = unmatched_mean(x, torch.tensor([[True, False, False], [True, True, True]]))
@@ -340,8 +342,8 @@ def test_distiller_step_for_every_point_kind(rt_teacher, rt_student):
     batch = {"pixel_values": X, "pixel_mask": torch.ones(2, 64, 64, dtype=torch.long), "labels": LABELS}
     for points in ("both", "general", "specific") + BASELINES:
         methods, weights = build_methods({"kd_detr": {"points": points, "general": 16, "weight": 2.0}},
-                                         rt_teacher, rt_student)
-        distiller = Distiller(rt_teacher, rt_student, methods, weights).train()
+                                         rt_student, rt_teacher)
+        distiller = Distiller(rt_student, rt_teacher, methods, weights).train()
         loss, terms = distiller(batch)
         assert {"kd_detr/cls", "kd_detr/l1", "kd_detr/giou"} <= set(terms)
         assert torch.isfinite(loss), points
@@ -350,9 +352,14 @@ def test_distiller_step_for_every_point_kind(rt_teacher, rt_student):
 
 
 def test_options_are_checked(rt_teacher, rt_student):
-    for bad in (dict(points="random"), dict(sampling="normal"), dict(class_kd="mse"), dict(general=0),
-                dict(weights=(1.0, 5.0)), dict(layers="first"), dict(normalise="sum")):
-        with pytest.raises(ValueError):
-            KDDETR(**bad)
+    for bad in (dict(points="random"), dict(sampling="normal"), dict(class_kd="mse"), dict(layers="first"),
+                dict(normalise="sum")):
+        with pytest.raises(ConfigError, match=fr"methods\.kd_detr\.{next(iter(bad))}: expected one of"):
+            method_options("kd_detr", bad)
+    with pytest.raises(ValueError, match="general >= 1"):
+        KDDETR(general=0)
     with pytest.raises(ConfigError, match="valid options"):
-        build_methods({"kd_detr": {"num_points": 3}}, rt_teacher, rt_student)
+        build_methods({"kd_detr": {"num_points": 3}}, rt_student, rt_teacher)
+    with pytest.raises(ConfigError, match=r"methods\.kd_detr\.terms: unknown term\(s\) \['bbox'\]"):
+        method_options("kd_detr", {"terms": {"bbox": 5.0}})
+    assert method_options("kd_detr", {"terms": {"l1": 4}})[1].terms == {"cls": 1.0, "l1": 4.0, "giou": 2.0}

@@ -10,11 +10,13 @@ import pytest
 import torch
 
 import detrkd.matching
+from detrkd.config import ConfigError
 from detrkd.distill.base import DistillContext, Distiller
 from detrkd.distill import lapd as lapd_module
-from detrkd.distill.lapd import LAPD, layer_pairs, local_alignment, parse_kinds, prediction_cost
+from detrkd.distill.lapd import LAPD, local_alignment, parse_kinds
+from detrkd.distill.methods import build_methods, method_options
+from detrkd.distill.pairing import layer_pairs, prediction_cost
 from detrkd.distill.query_selection import QuerySelection, group_query_selection
-from detrkd.distill.train import build_methods
 from detrkd.models import build_detector
 from detrkd.models.base import DetectorOutput, Predictions
 
@@ -50,10 +52,10 @@ def _logits(classes: list[tuple[int, float]], head: str, num_classes: int = 2) -
 
 def _scene(heads: tuple[str, str] = ("sigmoid", "sigmoid")):
     """(teacher logits [2, 8, Kt], boxes [2, 8, 4], student logits [2, 8, Ks], boxes, targets)."""
-    t_logits = _logits(TEACHER_CLASSES, heads[0]).expand(2, -1, -1).clone()
+    t_logits = _logits(TEACHER_CLASSES, heads[1]).expand(2, -1, -1).clone()
     t_boxes = TEACHER_BOXES.expand(2, -1, -1).clone()
     jitter = torch.tensor([[0.003 * ((j % 3) - 1), 0.002 * ((j % 2) - 0.5), 0, 0] for j in range(8)])
-    s_logits = torch.stack([_logits([TEACHER_CLASSES[i] for i in p], heads[1]) for p in PERMS])
+    s_logits = torch.stack([_logits([TEACHER_CLASSES[i] for i in p], heads[0]) for p in PERMS])
     s_boxes = torch.stack([TEACHER_BOXES[p] + jitter for p in PERMS])
     return t_logits, t_boxes, s_logits, s_boxes, [GTS, GTS]
 
@@ -64,9 +66,9 @@ def _gqs(logits, boxes, targets, head, threshold=0.0) -> QuerySelection:
 
 def _align(heads=("sigmoid", "sigmoid"), threshold=0.0, **kwargs):
     t_logits, t_boxes, s_logits, s_boxes, targets = _scene(heads)
-    t_sel = _gqs(t_logits, t_boxes, targets, heads[0], threshold)
-    s_sel = _gqs(s_logits, s_boxes, targets, heads[1], threshold)
-    return local_alignment(t_sel, s_sel, t_logits, t_boxes, s_logits, s_boxes, heads, **kwargs)
+    t_sel = _gqs(t_logits, t_boxes, targets, heads[1], threshold)
+    s_sel = _gqs(s_logits, s_boxes, targets, heads[0], threshold)
+    return local_alignment(s_sel, t_sel, s_logits, s_boxes, t_logits, t_boxes, heads, **kwargs)
 
 
 def _pairs(align, qt: int, qs: int) -> set[tuple[int, int, int]]:
@@ -126,10 +128,12 @@ def test_threshold_is_given_to_gqs():
 def test_unknown_kind_and_bad_options_are_rejected():
     with pytest.raises(ValueError, match="pair kind"):
         parse_kinds("positives+medium")
-    with pytest.raises(ValueError, match="layers"):
-        LAPD(layers="first")
-    with pytest.raises(ValueError, match="class_kd"):
-        LAPD(class_kd="mse")
+    with pytest.raises(ConfigError, match=r"methods\.lapd\.layers: expected one of 'last', 'all', got 'first'"):
+        method_options("lapd", {"layers": "first"})
+    with pytest.raises(ConfigError, match=r"methods\.lapd\.class_kd: expected one of 'bce', 'kl'"):
+        method_options("lapd", {"class_kd": "mse"})
+    with pytest.raises(ConfigError, match=r"methods\.lapd\.weights: per-term weights are methods\.lapd\.terms now"):
+        method_options("lapd", {"weights": [1, 5, 2]})  # per-term weights are ``terms`` now
 
 
 def test_hard_negatives_of_different_gts_never_pair():
@@ -137,10 +141,10 @@ def test_hard_negatives_of_different_gts_never_pair():
     t_logits, t_boxes, s_logits, s_boxes, targets = _random(4, 40, 25, 3, 4)
     t_sel = _gqs(t_logits, t_boxes, targets, "sigmoid", -math.inf)
     s_sel = _gqs(s_logits, s_boxes, targets, "sigmoid", -math.inf)
-    align = local_alignment(t_sel, s_sel, t_logits, t_boxes, s_logits, s_boxes, ("sigmoid", "sigmoid"), kinds="hard")
+    align = local_alignment(s_sel, t_sel, s_logits, s_boxes, t_logits, t_boxes, ("sigmoid", "sigmoid"), kinds="hard")
     t_group, s_group = t_sel.group.flatten()[align.teacher], s_sel.group.flatten()[align.student]
     assert len(align.teacher) > 20 and torch.equal(t_group, s_group)
-    cross = local_alignment(t_sel, s_sel, t_logits, t_boxes, s_logits, s_boxes, ("sigmoid", "sigmoid"),
+    cross = local_alignment(s_sel, t_sel, s_logits, s_boxes, t_logits, t_boxes, ("sigmoid", "sigmoid"),
                             kinds="hard", per_image=True)
     assert not torch.equal(t_sel.group.flatten()[cross.teacher], s_sel.group.flatten()[cross.student])
 
@@ -155,17 +159,18 @@ def test_per_image_pairs_across_groups_where_cheaper():
     t_sel, s_sel = _gqs(logits, t_boxes, [gts], "sigmoid"), _gqs(logits, s_boxes, [gts], "sigmoid")
     assert t_sel.group[0].tolist() == [0, 1, 0, 1] and s_sel.group[0].tolist() == [0, 1, 1, 0]
     heads = ("sigmoid", "sigmoid")
-    per_gt = local_alignment(t_sel, s_sel, logits, t_boxes, logits, s_boxes, heads)
-    per_image = local_alignment(t_sel, s_sel, logits, t_boxes, logits, s_boxes, heads, per_image=True)
+    per_gt = local_alignment(s_sel, t_sel, logits, s_boxes, logits, t_boxes, heads)
+    per_image = local_alignment(s_sel, t_sel, logits, s_boxes, logits, t_boxes, heads, per_image=True)
     assert _pairs(per_gt, 4, 4) == {(0, 0, 0), (0, 1, 1), (0, 2, 3), (0, 3, 2)}
     assert _pairs(per_image, 4, 4) == {(0, 0, 0), (0, 1, 1), (0, 2, 2), (0, 3, 3)}
-    cost = prediction_cost(logits, t_boxes, logits, s_boxes, heads).flatten(1)[0].view(4, 4)
+    cost = prediction_cost(logits, s_boxes, logits, t_boxes, heads).flatten(1)[0].view(4, 4)
     total = lambda a: cost[a.teacher, a.student].sum().item()  # noqa: E731
     assert total(per_image) < total(per_gt) - 1.0
 
 
 def _random(b, qt, qs, n_gt, num_classes, heads=("sigmoid", "sigmoid")):
-    """Random predictions around random GTs: (t_logits, t_boxes, s_logits, s_boxes, targets)."""
+    """Random predictions around random GTs: (t_logits, t_boxes, s_logits, s_boxes, targets);
+    heads = (student head, teacher head)."""
     gt_boxes = torch.cat([torch.rand(b, n_gt, 2) * 0.6 + 0.2, torch.rand(b, n_gt, 2) * 0.2 + 0.1], -1)
     targets = [{"class_labels": torch.randint(num_classes, (n_gt,)), "boxes": gt_boxes[i]} for i in range(b)]
 
@@ -176,7 +181,7 @@ def _random(b, qt, qs, n_gt, num_classes, heads=("sigmoid", "sigmoid")):
         boxes = torch.cat([boxes[..., :2].clamp(0.05, 0.95), boxes[..., 2:].clamp(0.02, 0.6)], -1)
         return torch.randn(b, q, num_classes + (head == "softmax")) * 2, boxes
 
-    return (*preds(qt, heads[0]), *preds(qs, heads[1]), targets)
+    return (*preds(qt, heads[1]), *preds(qs, heads[0]), targets)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -187,8 +192,8 @@ def test_pairing_is_the_brute_force_optimum(seed, per_image):
     heads = ("sigmoid", "sigmoid")
     t_sel = _gqs(t_logits, t_boxes, targets, "sigmoid", -math.inf)
     s_sel = _gqs(s_logits, s_boxes, targets, "sigmoid", -math.inf)
-    align = local_alignment(t_sel, s_sel, t_logits, t_boxes, s_logits, s_boxes, heads, per_image, "hard")
-    cost = prediction_cost(t_logits, t_boxes, s_logits, s_boxes, heads).numpy()
+    align = local_alignment(s_sel, t_sel, s_logits, s_boxes, t_logits, t_boxes, heads, per_image, "hard")
+    cost = prediction_cost(s_logits, s_boxes, t_logits, t_boxes, heads).numpy()
     t_img, t_q = (align.teacher // 7).numpy(), (align.teacher % 7).numpy()
     s_q = (align.student % 6).numpy()
     for b in range(2):
@@ -203,17 +208,17 @@ def test_pairing_is_the_brute_force_optimum(seed, per_image):
             assert got == pytest.approx(_brute_force(cost[b][np.ix_(ti, si)]), abs=1e-5)
 
 
-@pytest.mark.parametrize("heads", [("sigmoid", "sigmoid"), ("softmax", "sigmoid"), ("softmax", "softmax")])
+@pytest.mark.parametrize("heads", [("sigmoid", "sigmoid"), ("sigmoid", "softmax"), ("softmax", "softmax")])
 @pytest.mark.parametrize("per_image", [False, True])
 def test_block_costs_are_the_full_cost_sub_blocks(heads, per_image):
     """Only the pairs inside a problem are costed; each value is the full [B, Qt, Qs] matrix's (to
     float32 rounding: vectorised kernels may round a value differently at another position)."""
     torch.manual_seed(4)
     t_logits, t_boxes, s_logits, s_boxes, targets = _random(4, 60, 25, 5, 4, heads)
-    t_sel, s_sel = _gqs(t_logits, t_boxes, targets, heads[0]), _gqs(s_logits, s_boxes, targets, heads[1])
+    t_sel, s_sel = _gqs(t_logits, t_boxes, targets, heads[1]), _gqs(s_logits, s_boxes, targets, heads[0])
     blocks = list(lapd_module._hard_blocks(lapd_module._to_cpu(t_sel), lapd_module._to_cpu(s_sel), per_image))
-    costs = lapd_module._block_costs(blocks, t_logits, t_boxes, s_logits, s_boxes, heads, (1.0, 5.0, 2.0))
-    full = prediction_cost(t_logits, t_boxes, s_logits, s_boxes, heads).numpy()
+    costs = lapd_module._block_costs(blocks, s_logits, s_boxes, t_logits, t_boxes, heads, (1.0, 5.0, 2.0))
+    full = prediction_cost(s_logits, s_boxes, t_logits, t_boxes, heads).numpy()
     assert len(blocks) > (1 if per_image else 4)
     for cost, (b, t, s) in zip(costs, blocks):
         np.testing.assert_allclose(cost, full[b][np.ix_(t, s)], rtol=1e-6, atol=1e-6)
@@ -254,7 +259,7 @@ def test_one_solver_call_per_group(solver_calls, kinds, per_image, shapes):
     t_logits, t_boxes, s_logits, s_boxes, targets = _scene()
     t_sel, s_sel = _gqs(t_logits, t_boxes, targets, "sigmoid"), _gqs(s_logits, s_boxes, targets, "sigmoid")
     solver_calls.clear()
-    local_alignment(t_sel, s_sel, t_logits, t_boxes, s_logits, s_boxes, ("sigmoid", "sigmoid"), per_image, kinds)
+    local_alignment(s_sel, t_sel, s_logits, s_boxes, t_logits, t_boxes, ("sigmoid", "sigmoid"), per_image, kinds)
     assert solver_calls == shapes
 
 
@@ -265,7 +270,7 @@ def test_solver_calls_on_a_random_batch(solver_calls):
     both = sum(len(t) > 0 and len(s) > 0 for t_img, s_img in zip(t_sel.group_indices(), s_sel.group_indices())
                for t, s in zip(t_img, s_img))
     solver_calls.clear()
-    local_alignment(t_sel, s_sel, t_logits, t_boxes, s_logits, s_boxes, ("sigmoid", "sigmoid"))
+    local_alignment(s_sel, t_sel, s_logits, s_boxes, t_logits, t_boxes, ("sigmoid", "sigmoid"))
     assert len(solver_calls) == both > 4
 
 
@@ -273,9 +278,9 @@ def test_solver_calls_on_a_random_batch(solver_calls):
 
 
 def _ctx(t_logits, t_boxes, s_logits, s_boxes, targets, heads=("sigmoid", "sigmoid")) -> DistillContext:
-    """A context from [L, B, Q, .] predictions (no models needed)."""
-    t_out = DetectorOutput(Predictions(t_logits, t_boxes), heads[0], memory=None, queries=None)
-    s_out = DetectorOutput(Predictions(s_logits, s_boxes), heads[1], memory=None, queries=None)
+    """A context from [L, B, Q, .] predictions (no models needed); heads = (student, teacher)."""
+    t_out = DetectorOutput(Predictions(t_logits, t_boxes), heads[1], memory=None, queries=None)
+    s_out = DetectorOutput(Predictions(s_logits, s_boxes), heads[0], memory=None, queries=None)
     return DistillContext(None, None, s_out, t_out, targets)
 
 
@@ -287,10 +292,10 @@ def _layered(n_layers, b, q, n_gt, num_classes, head, requires_grad=False):
 
 def test_teacher_100_queries_softmax_student_30_sigmoid():
     torch.manual_seed(4)
-    t_logits, t_boxes, s_logits, s_boxes, targets = _random(3, 100, 30, 5, 6, ("softmax", "sigmoid"))
-    heads = ("softmax", "sigmoid")
+    t_logits, t_boxes, s_logits, s_boxes, targets = _random(3, 100, 30, 5, 6, ("sigmoid", "softmax"))
+    heads = ("sigmoid", "softmax")
     t_sel, s_sel = _gqs(t_logits, t_boxes, targets, "softmax"), _gqs(s_logits, s_boxes, targets, "sigmoid")
-    align = local_alignment(t_sel, s_sel, t_logits, t_boxes, s_logits, s_boxes, heads)
+    align = local_alignment(s_sel, t_sel, s_logits, s_boxes, t_logits, t_boxes, heads)
     pairs = _pairs(align, 100, 30)
     assert len(pairs) >= 15 and all(t < 100 and s < 30 for _, t, s in pairs)
     assert torch.equal(t_sel.group.flatten()[align.teacher], s_sel.group.flatten()[align.student])
@@ -305,9 +310,9 @@ def test_mixed_heads_cost_compares_real_class_probabilities():
     t = torch.tensor([[[0.0, math.log(3.0), 0.0]]])  # softmax over (c0, c1, no-object): (.2, .6, .2)
     s = torch.logit(torch.tensor([[[0.2, 0.6]]]))
     box = torch.tensor([[[0.5, 0.5, 0.2, 0.2]]])
-    same = prediction_cost(t, box, s, box, ("softmax", "sigmoid"))
+    same = prediction_cost(s, box, t, box, ("sigmoid", "softmax"))
     assert same.item() == pytest.approx(-2.0, abs=1e-5)  # class 0 + L1 0 - 2 * GIoU 1
-    other = prediction_cost(t, box, torch.logit(torch.tensor([[[0.6, 0.2]]])), box, ("softmax", "sigmoid"))
+    other = prediction_cost(torch.logit(torch.tensor([[[0.6, 0.2]]])), box, t, box, ("sigmoid", "softmax"))
     assert other.item() == pytest.approx(-2.0 + 0.8, abs=1e-5)
 
 
@@ -354,8 +359,8 @@ def test_zero_loss_when_student_equals_teacher(layers):
     assert abs(bce["l1"].item()) < 1e-5 and abs(bce["giou"].item()) < 1e-5 and bce["cls"] > 0
     bce["cls"].backward()
     assert s_logits.grad.abs().max() < 1e-5
-    align = local_alignment(*(ctx.cache[f"gqs/{w}/layer1/threshold0.0"] for w in ("teacher", "student")),
-                            t_logits[1], t_boxes[1], s_logits[1], s_boxes[1], ("sigmoid", "sigmoid"))
+    align = local_alignment(*(ctx.cache[f"gqs/{w}/layer1/threshold0.0"] for w in ("student", "teacher")),
+                            s_logits[1], s_boxes[1], t_logits[1], t_boxes[1], ("sigmoid", "sigmoid"))
     assert torch.equal(align.teacher, align.student) and len(align.teacher) > 9
 
 
@@ -364,7 +369,7 @@ def test_gradients_reach_the_student_only():
     t_logits, t_boxes = _layered(2, 2, 20, 3, 4, "softmax", requires_grad=True)
     s_logits, s_boxes = _layered(2, 2, 10, 3, 4, "sigmoid", requires_grad=True)
     targets = _random(2, 1, 1, 3, 4)[-1]
-    terms = LAPD(layers="all")(_ctx(t_logits, t_boxes, s_logits, s_boxes, targets, ("softmax", "sigmoid")))
+    terms = LAPD(layers="all")(_ctx(t_logits, t_boxes, s_logits, s_boxes, targets, ("sigmoid", "softmax")))
     sum(terms.values()).backward()
     assert s_logits.grad.abs().sum() > 0 and s_boxes.grad.abs().sum() > 0
     assert t_logits.grad is None and t_boxes.grad is None
@@ -414,8 +419,8 @@ def test_distiller_step_with_tiny_rt_detr():
                         {"class_labels": torch.tensor([2, 3]),
                          "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.2, 0.3]])}]}
     methods, weights = build_methods({"lapd": {"weight": 2.0, "layers": "all", "kinds": ["positives", "hard"]}},
-                                     teacher, student)
-    distiller = Distiller(teacher, student, methods, weights).train()
+                                     student, teacher)
+    distiller = Distiller(student, teacher, methods, weights).train()
     loss, terms = distiller(batch)
     assert {"lapd/cls", "lapd/l1", "lapd/giou"} <= set(terms) and torch.isfinite(loss)
     assert terms["lapd/l1"] > 0

@@ -195,8 +195,8 @@ def test_prediction_vs_prediction_recovers_permutation(class_head, soft_class):
     boxes_s = boxes.gather(1, perm[..., None].expand(-1, -1, 4))
     cost = pairwise_cost(logits, boxes, logits_s, boxes_s, class_head, soft_class=soft_class)  # [B, Q, Q]
     assert cost.shape == (2, 50, 50)
-    p = matching.class_probabilities(logits[0], class_head)
-    ps = matching.class_probabilities(logits_s[0], class_head)
+    p = matching.head_probabilities(logits[0], class_head)
+    ps = matching.head_probabilities(logits_s[0], class_head)
     expected_cls = (p[:, None] - ps[None]).abs().sum(-1) if soft_class == "l1" else -(p @ ps.T)
     expected = expected_cls + 5 * torch.cdist(boxes[0], boxes_s[0], p=1) - 2 * generalized_box_iou(
         cxcywh_to_xyxy(boxes[0]), cxcywh_to_xyxy(boxes_s[0]))

@@ -114,7 +114,7 @@ def test_an_unsupported_processor_rule_is_a_clear_error(tmp_path):
 
 def _distill_setup(tmp_path: Path, teacher_processor, methods: dict, student_pixels: str = "imagenet"):
     from detrkd.data.digits import make_digits_dataset
-    from detrkd.distill.train import build_distill_trainer
+    from detrkd.recipe import build_distill_trainer
 
     make_digits_dataset(tmp_path / "data", train_images=4, val_images=2, image_size=64)
     torch.manual_seed(0)
@@ -196,7 +196,7 @@ def test_a_student_from_a_directory_trains_on_its_processors_pixels(tmp_path):
     import transformers
 
     from detrkd.data.digits import make_digits_dataset
-    from detrkd.engine import build_trainer
+    from detrkd.recipe import build_trainer
     from detrkd.models.processors import checkpoint_pixels
 
     make_digits_dataset(tmp_path / "data", train_images=4, val_images=2, image_size=64)

@@ -97,7 +97,7 @@ def fixed_batch(batch_size: int, image_size: int, data: Path | None, num_classes
         return collate(items)
     from ..config import DataConfig
     from ..data.coco import CocoDetection
-    from ..engine import transforms_for
+    from ..recipe import transforms_for
 
     config = DataConfig(root=str(data), image_size=image_size)
     from ..models.processors import imagenet_pixels
@@ -112,7 +112,7 @@ def step_fn(teacher: DetrAdapter, student: DetrAdapter, methods: dict[str, dict[
     """A closure running one training step (returns its phase times in seconds).
     ``methods=None``: the student alone; ``{}``: student + teacher forward (the floor)."""
     from ..distill.base import Distiller
-    from ..distill.train import build_methods
+    from ..distill.methods import build_methods
 
     teacher.requires_grad_(False).eval()
     if not methods:
@@ -124,8 +124,8 @@ def step_fn(teacher: DetrAdapter, student: DetrAdapter, methods: dict[str, dict[
                     teacher(batch["pixel_values"], batch["pixel_mask"])
             return student(batch["pixel_values"], batch["pixel_mask"], labels=batch["labels"]).loss
     else:
-        built, weights = build_methods(methods, teacher, student)
-        module = Distiller(teacher, student, built, weights)
+        built, weights = build_methods(methods, student, teacher)
+        module = Distiller(student, teacher, built, weights)
 
         def loss() -> Tensor:
             return module(batch)[0]

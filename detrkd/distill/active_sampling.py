@@ -23,7 +23,8 @@ Active Sampling Module (ASM, Eq. 9-14, Fig. 2): an MLP (``mlp_layers`` Linear+Re
   ``"random"`` P uniform in [0, 1]^(4 + C), M = Qt, redrawn every step (the non-prior ablation).
   Points are data: always detached.
 
-Losses (Sec. 3.4), returned already weighted as {"sampling", "l1", "cls"}:
+Losses (Sec. 3.4), returned unweighted as {"sampling", "l1", "cls"} (the ``Distiller`` applies
+``terms``: 1 / 5 / 1):
 
 - sampling (Eq. 16): the teacher's self-attention W = softmax(q(Y_t) k(Y_t)^T / sqrt(d)) must
   pick output i for point i: L = -mean_i log W_ii (Eq. 16 sums over i; the mean over points,
@@ -81,9 +82,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..models.base import ClassHead, DetectorOutput
-from .base import DistillContext, DistillMethod, check_choice
-from .lapd import layer_pairs
+from .base import DistillContext, DistillMethod
 from .losses import class_probabilities
+from .pairing import layer_pairs
 
 PointsKind = Literal["teacher", "teacher+student", "random"]
 # (Y_t [B, Qt, 4 + C], q(Y_t) [B, Qt, d], k(Y_t) [B, Qt, d], their scores [B, h, Qt, Qt] at T = 1)
@@ -163,7 +164,7 @@ def diagonal_nll(scores: Tensor) -> Tensor:
     return -scores.log_softmax(-1).diagonal(dim1=-2, dim2=-1).mean()
 
 
-def class_distance(teacher: Tensor, student: Tensor, mode: ClassDistance = "kl") -> Tensor:
+def class_distance(student: Tensor, teacher: Tensor, mode: ClassDistance = "kl") -> Tensor:
     """Per-sample distance [...] of sampled class vectors [..., C] (module docstring: the modes)."""
     if mode == "kl":
         t, s = _with_no_object(teacher), _with_no_object(student)
@@ -187,26 +188,24 @@ class ActiveSampling(DistillMethod):
     hidden / dim / mlp_layers: ASM sizes (``dim`` defaults to ``hidden``); heads: attention heads
     (samples averaged over heads); points: "teacher" | "teacher+student" | "random";
     temperature: T of the distillation sampling weights (Eq. 15; the sampling loss uses 1);
-    class_kd: "auto" (by the student's head) | "kl" | "bernoulli"; sampling_weight / bbox_weight /
-    cls_weight: loss weights;
+    class_kd: "auto" (by the student's head) | "kl" | "bernoulli";
     rebalance: weight points by the teacher's confidence (module docstring); layers: "last" | "all";
     asm_lr / asm_warmup: the ASM's peak learning rate (None: the student's) and warm-up.
-    ``num_classes`` is taken from ``teacher`` when not given.
+    ``num_classes`` is taken from ``teacher`` when not given. The terms are unweighted: sampling 1,
+    L1 5, class 1 are ``terms``, applied by the ``Distiller``.
     """
 
-    def __init__(self, teacher: object = None, student: object = None, *, num_classes: int | None = None,
+    terms = {"sampling": 1.0, "l1": 5.0, "cls": 1.0}
+
+    def __init__(self, student: object = None, teacher: object = None, *, num_classes: int | None = None,
                  hidden: int = 256, dim: int | None = None, mlp_layers: int = 2, heads: int = 1,
                  points: PointsKind = "teacher", temperature: float = 4.0, class_kd: ClassDistance = "auto",
-                 sampling_weight: float = 1.0, bbox_weight: float = 5.0, cls_weight: float = 1.0,
                  rebalance: bool = False, layers: Literal["last", "all"] = "last", asm_lr: float | None = 1e-3,
                  asm_warmup: bool = False):
         super().__init__()
         num_classes = num_classes if num_classes is not None else getattr(teacher, "num_classes", None)
         if num_classes is None:
             raise ValueError("ActiveSampling needs the teacher or num_classes to size its sampling module")
-        check_choice("ActiveSampling", "points", points, ("teacher", "teacher+student", "random"))
-        check_choice("ActiveSampling", "class_kd", class_kd, ("auto", "kl", "bernoulli"))
-        check_choice("ActiveSampling", "layers", layers, ("last", "all"))
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.asm = SamplingModule(4 + int(num_classes), hidden, dim, mlp_layers)
@@ -215,7 +214,6 @@ class ActiveSampling(DistillMethod):
         self.num_classes, self.heads, self.points = int(num_classes), int(heads), points
         self.temperature, self.class_kd, self.layers = float(temperature), class_kd, layers
         self.rebalance = bool(rebalance)
-        self.weights = {"sampling": float(sampling_weight), "l1": float(bbox_weight), "cls": float(cls_weight)}
         if asm_lr is not None and asm_lr <= 0:
             raise ValueError(f"asm_lr must be > 0 (or null: the student's lr), got {asm_lr}")
         self.asm_lr, self.asm_warmup = (None if asm_lr is None else float(asm_lr)), bool(asm_warmup)
@@ -231,16 +229,15 @@ class ActiveSampling(DistillMethod):
         teacher = {t: self.teacher_side(ctx.teacher_out, t) for t in sorted({t for _, t in pairs})}
         sampling = torch.stack([diagonal_nll(side[3]) for side in teacher.values()]).mean()
         mode = self.class_mode(ctx.student_out.class_head)
-        per_layer = [self.distill(teacher[t], _vectors(ctx.student_out, s), mode) for s, t in pairs]
-        terms = {"sampling": sampling,
-                 "l1": torch.stack([l1 for l1, _ in per_layer]).sum(),
-                 "cls": torch.stack([cls for _, cls in per_layer]).sum()}
-        return {name: self.weights[name] * value for name, value in terms.items()}
+        per_layer = [self.distill(teacher[t], layer_vectors(ctx.student_out, s), mode) for s, t in pairs]
+        return {"sampling": sampling,
+                "l1": torch.stack([l1 for l1, _ in per_layer]).sum(),
+                "cls": torch.stack([cls for _, cls in per_layer]).sum()}
 
     def teacher_side(self, out: DetectorOutput, layer: int) -> TeacherSide:
         """(Y_t [B, Qt, 4 + C] detached, q(Y_t), k(Y_t) [B, Qt, d] and their self-attention scores
         [B, h, Qt, Qt] at T = 1, with ASM gradients)."""
-        y_t = _vectors(out, layer).detach()
+        y_t = layer_vectors(out, layer).detach()
         q_t, k_t = self.asm(y_t)
         return y_t, q_t, k_t, sampling_logits(q_t, k_t, self.heads)
 
@@ -254,18 +251,18 @@ class ActiveSampling(DistillMethod):
         """Unweighted (l1, cls) of one layer pair; teacher = ``teacher_side`` output, y_s [B, Qs, 4 + C];
         mode: the class distance ("kl" | "bernoulli")."""
         s_t, s_s = self.samples(teacher, y_s)
-        l1, cls = self.point_losses(s_t, s_s, mode)
+        l1, cls = self.point_losses(s_s, s_t, mode)
         if not self.rebalance:
             return l1.mean(), cls.mean()
         w = s_t[..., 4:].max(-1).values  # [B, M], a constant (S_t is)
         norm = w.sum().clamp(min=EPS)
         return (w * l1).sum() / norm, (w * cls).sum() / norm
 
-    def point_losses(self, s_t: Tensor, s_s: Tensor, mode: str = "kl") -> tuple[Tensor, Tensor]:
+    def point_losses(self, s_s: Tensor, s_t: Tensor, mode: str = "kl") -> tuple[Tensor, Tensor]:
         """Unweighted per-point (L1 summed over the 4 box coordinates, class distance ``mode``),
-        each [B, M], of samples S_t, S_s [B, M, 4 + C]."""
+        each [B, M], of samples S_s, S_t [B, M, 4 + C]."""
         l1 = (s_s[..., :4] - s_t[..., :4]).abs().sum(-1)
-        return l1, class_distance(s_t[..., 4:], s_s[..., 4:], mode)
+        return l1, class_distance(s_s[..., 4:], s_t[..., 4:], mode)
 
     def samples(self, teacher: TeacherSide, y_s: Tensor) -> tuple[Tensor, Tensor]:
         """(S_t, S_s) [B, M, 4 + C] at the same points, temperature T; S_t is a constant."""
@@ -290,10 +287,10 @@ class ActiveSampling(DistillMethod):
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, heads={self.heads}, points={self.points}, "
                 f"temperature={self.temperature}, class_kd={self.class_kd}, rebalance={self.rebalance}, "
-                f"layers={self.layers}, weights={self.weights}")
+                f"layers={self.layers}")
 
 
-def _vectors(out: DetectorOutput, layer: int) -> Tensor:
+def layer_vectors(out: DetectorOutput, layer: int) -> Tensor:
     """[B, Q, 4 + C] prediction vectors of one decoder layer."""
     logits, boxes = out.predictions.layer(layer)
     return prediction_vectors(logits, boxes, out.class_head)

@@ -125,7 +125,7 @@ class AGFD(DistillMethod):
     """Attention-Guided Feature Distillation: ``forward(ctx) -> {"feature": loss}`` (before lambda;
     the paper's lambda_AGFD = 50 is the ``Distiller`` weight).
 
-    teacher, student: the adapters, or their memory widths (ints).
+    student, teacher: the adapters, or their memory widths (ints).
     mask: Table 5 row (module docstring); threshold: GQS hard-negative threshold (G > threshold);
     giou_weight: the (1 + G_i) factor; batch_norm: affine-free BN of the masked features (eps).
     adapter: one encoder layer E_a on the (connected) student feature, at the teacher width, with the
@@ -145,16 +145,14 @@ class AGFD(DistillMethod):
     """
 
     compares_memory = True
-
     needs_teacher_attention = True
+    terms = {"feature": 1.0}
 
-    def __init__(self, teacher: DetrAdapter | int, student: DetrAdapter | int, mask: MaskKind = "gqs",
+    def __init__(self, student: DetrAdapter | int, teacher: DetrAdapter | int, mask: MaskKind = "gqs",
                  threshold: float = 0.0, giou_weight: bool = True, adapter: bool = False,
                  batch_norm: bool = True, adapter_heads: int | None = None,
                  adapter_ffn: int | None = None, eps: float = 1e-5):
         super().__init__()
-        if mask not in MASK_KINDS:
-            raise ValueError(f"unknown AGFD mask {mask!r}; choose one of {MASK_KINDS}")
         t_width, t_heads, t_ffn = width_and_layer(teacher)
         s_width, _, _ = width_and_layer(student)
         self.mask, self.threshold, self.giou_weight = mask, float(threshold), giou_weight
@@ -168,7 +166,7 @@ class AGFD(DistillMethod):
 
     def forward(self, ctx: DistillContext) -> dict[str, Tensor]:
         t_mem, s_mem = ctx.teacher_out.memory, ctx.student_out.memory
-        check_same_grid(ctx.teacher_out, ctx.student_out)
+        check_same_grid(ctx.student_out, ctx.teacher_out)
         if t_mem.tokens.shape[-1] != self.teacher_width:
             connector = (f"a connector {self.student_width} -> {self.teacher_width}" if self.connector is not None
                          else "no connector")
@@ -180,7 +178,7 @@ class AGFD(DistillMethod):
         if self.mask != "none":
             weight = weight * t_mem.tokens.shape[1]  # N * W: see the class docstring
         student = self.student_features(s_mem.tokens, s_mem.spatial_shapes, ~valid)
-        loss = masked_feature_mse(t_mem.tokens.detach().to(student.dtype), student, weight.to(student.dtype),
+        loss = masked_feature_mse(student, t_mem.tokens.detach().to(student.dtype), weight.to(student.dtype),
                                   valid, self.batch_norm, self.eps)
         return {"feature": loss}
 

@@ -4,21 +4,25 @@ A ``Distiller`` holds a frozen teacher, a student and named methods. One trainin
 
     teacher forward (eval mode, ``torch.no_grad``)  ->  teacher ``DetectorOutput``
     student forward with labels                      ->  student ``DetectorOutput`` + detection loss
-    each method(context)                             ->  dict of named, weighted loss terms
+    each method(context)                             ->  dict of named, UNWEIGHTED loss terms
+    the Distiller                                    ->  lambda_m * w_m,t * term, summed with the detection loss
 
 Profiler ranges (``torch.profiler.record_function``; free when no profiler runs) name the parts
 of a step: ``detrkd::teacher``, ``detrkd::student``, ``detrkd::method/<name>``.
 
-The total loss is ``detection loss + sum_m weight_m * sum(terms of m)``; every term is reported
-under ``"<method>/<term>"`` already multiplied by its weights, so the logged terms add up to the
-loss. Methods are ``nn.Module``s (their learned parts, e.g. connectors and adapters, are trained
-with the student) with ``forward(ctx: DistillContext) -> dict[str, Tensor]``.
+Weights live in one place, the Distiller: the total loss is ``detection loss + sum_m lambda_m *
+sum_t w_m,t * term_m,t``, with lambda the method's ``weight`` and ``w`` its per-term weights (the
+class's ``terms`` defaults, overridden by the config's ``methods.NAME.terms``). Every term is logged
+twice: ``"<method>/<term>"`` scaled (these and ``det/loss`` add up to the loss) and
+``"<method>/<term>:unscaled"`` as the method returned it. Methods are ``nn.Module``s (their learned
+parts, e.g. connectors and adapters, are trained with the student) built as ``Class(student, teacher,
+**options)``, with ``forward(ctx: DistillContext) -> dict[str, Tensor]``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -71,10 +75,13 @@ def model_costs(model: DetrAdapter | None) -> MatcherCosts:
 
 
 class DistillMethod(nn.Module):
-    """Base class of a distillation method: ``forward(ctx) -> {term: weighted loss}``.
+    """Base class of a distillation method: ``forward(ctx) -> {term: unweighted loss}``.
 
-    Class attributes tell the ``Distiller`` what the forward passes must produce.
+    ``terms``: every term the method returns, with its default weight (the paper's). The other
+    class attributes tell the ``Distiller`` what the forward passes must produce.
     """
+
+    terms: ClassVar[dict[str, float]] = {}
 
     needs_teacher_attention: ClassVar[bool] = False
     needs_student_attention: ClassVar[bool] = False
@@ -93,7 +100,8 @@ class DistillMethod(nn.Module):
 class Distiller(nn.Module):
     """Teacher + student + methods; ``forward(batch) -> (loss, terms)`` drives the training engine.
 
-    methods: name -> method; weights: name -> lambda (default 1.0) applied to all its terms.
+    methods: name -> method; weights: name -> ``Weights(weight, terms)`` (``distill.methods``: lambda
+    and per-term weights; default: lambda 1 and the class's ``terms``).
     The teacher is frozen (``requires_grad=False``) and stays in eval mode whatever ``train()``
     is called with. In a data-parallel run the whole ``Distiller`` is wrapped in DDP, which then
     ignores the teacher (``engine.ddp_ignored_names``): it is replicated for inference only. The
@@ -101,17 +109,18 @@ class Distiller(nn.Module):
     the methods' terms are per-process means (their normalisers are documented per method).
     """
 
-    def __init__(self, teacher: DetrAdapter, student: DetrAdapter, methods: dict[str, DistillMethod],
-                 weights: dict[str, float] | None = None):
+    def __init__(self, student: DetrAdapter, teacher: DetrAdapter, methods: dict[str, DistillMethod],
+                 weights: dict[str, Weights] | None = None):
         super().__init__()
-        check_compatible(teacher, student)
+        check_compatible(student, teacher)
         unknown = set(weights or {}) - set(methods)
         if unknown:
             raise ValueError(f"weights given for unknown methods {sorted(unknown)}; methods: {sorted(methods)}")
         self.teacher = teacher.requires_grad_(False).eval()
         self.student = student
         self.methods = nn.ModuleDict(methods)
-        self.weights = {name: float((weights or {}).get(name, 1.0)) for name in methods}
+        self.weights = {name: (weights or {}).get(name) or Weights(1.0, dict(type(m).terms))
+                        for name, m in methods.items()}
 
     def train(self, mode: bool = True) -> "Distiller":
         super().train(mode)
@@ -124,7 +133,8 @@ class Distiller(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         """batch: ``collate`` output (with ``teacher_pixel_values`` / ``_mask`` where the teacher's
-        preprocessing differs from the student's) -> (total loss, {term name: weighted term})."""
+        preprocessing differs from the student's) -> (total loss, {term name: term}): ``det/loss``,
+        each method's scaled terms (they add up to the loss) and its unscaled ones (logged only)."""
         pixel_values, pixel_mask, targets = batch["pixel_values"], batch["pixel_mask"], batch["labels"]
         teacher_out = None
         if self.methods:  # no methods (no-KD): the teacher's output would go unused, so it is not run
@@ -139,17 +149,35 @@ class Distiller(nn.Module):
         if teacher_out is None:
             return terms["det/loss"], terms
         ctx = DistillContext(self.student, self.teacher, student_out, teacher_out, targets)
+        unscaled = {}
         for name, method in self.methods.items():
             with record_function(f"detrkd::method/{name}"):
-                for term, value in method(ctx).items():
-                    terms[f"{name}/{term}"] = self.weights[name] * value
-        return torch.stack(list(terms.values())).sum(), terms
+                raw = method(ctx)
+            terms.update(scaled_terms(name, raw, self.weights[name]))
+            unscaled.update({f"{name}/{term}:unscaled": value.detach() for term, value in raw.items()})
+        return torch.stack(list(terms.values())).sum(), {**terms, **unscaled}
 
     def _needs(self, who: str) -> bool:
         return any(getattr(m, f"needs_{who}_attention") for m in self.methods.values())
 
 
-def check_compatible(teacher: DetrAdapter, student: DetrAdapter) -> None:
+def scaled_terms(name: str, terms: dict[str, Tensor], weights: Weights) -> dict[str, Tensor]:
+    """``{"<name>/<term>": lambda * (w_term * term)}``; a term without a weight is an error (the
+    method's ``terms`` must list every term it returns)."""
+    missing = sorted(set(terms) - set(weights.terms))
+    if missing:
+        raise KeyError(f"method {name} returned term(s) {missing} without a weight; its terms: {sorted(weights.terms)}")
+    return {f"{name}/{t}": weights.weight * (weights.terms[t] * v) for t, v in terms.items()}
+
+
+class Weights(NamedTuple):
+    """One method's weights: ``weight`` (lambda, on every term) and ``terms`` (term name -> weight)."""
+
+    weight: float
+    terms: dict[str, float]
+
+
+def check_compatible(student: DetrAdapter, teacher: DetrAdapter) -> None:
     """Teacher and student must predict the same classes (names too, when both have them)."""
     if teacher.num_classes != student.num_classes:
         raise ValueError(f"teacher ({teacher.family}) predicts {teacher.num_classes} classes but the student "
@@ -165,14 +193,3 @@ def _class_names(model: DetrAdapter) -> dict[int, str] | None:
     if not names or all(v == f"LABEL_{k}" for k, v in names.items()):
         return None
     return names
-
-
-def check_choice(method: str, name: str, value: object, choices: tuple[str, ...]) -> None:
-    """A clear ``ValueError`` for an option outside its choices (names the method and option)."""
-    if value not in choices:
-        raise ValueError(f"{method} {name} must be one of {choices}, got {value!r}")
-
-
-def gather_flat(x: Tensor, flat_index: Tensor) -> Tensor:
-    """[B, Q, D] -> [P, D]: rows at flat (image * Q + query) indices."""
-    return x.flatten(0, 1)[flat_index]

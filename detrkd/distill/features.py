@@ -22,11 +22,11 @@ def token_batch_norm(x: Tensor, eps: float = 1e-5) -> Tensor:
     return (x - mean) / torch.sqrt(var + eps)
 
 
-def masked_feature_mse(teacher: Tensor, student: Tensor, weight: Tensor, valid: Tensor,
+def masked_feature_mse(student: Tensor, teacher: Tensor, weight: Tensor, valid: Tensor,
                        batch_norm: bool = True, eps: float = 1e-5) -> Tensor:
-    """MSE(BN(w * F_t), BN(w * F_s)) over the valid tokens.
+    """MSE(BN(w * F_s), BN(w * F_t)) over the valid tokens.
 
-    teacher, student: [B, N, D]; weight: [B, N]; valid: [B, N] bool (False = padding, excluded from
+    student, teacher: [B, N, D]; weight: [B, N]; valid: [B, N] bool (False = padding, excluded from
     the statistics and the mean). Returns a scalar (0 with a graph when no token is valid).
     """
     t = (weight[..., None] * teacher)[valid]  # [P, D]
@@ -46,7 +46,7 @@ def width_and_layer(model: DetrAdapter | int) -> tuple[int, int | None, int | No
     return model.hidden_size, getattr(cfg, "encoder_attention_heads", None), getattr(cfg, "encoder_ffn_dim", None)
 
 
-def check_same_grid(teacher_out: DetectorOutput, student_out: DetectorOutput, method: str = "AGFD") -> None:
+def check_same_grid(student_out: DetectorOutput, teacher_out: DetectorOutput, method: str = "AGFD") -> None:
     """Raise ValueError unless teacher and student memories lie on the same token grid."""
     t_shapes, s_shapes = teacher_out.memory.spatial_shapes, student_out.memory.spatial_shapes
     if t_shapes.shape != s_shapes.shape or not torch.equal(t_shapes.cpu(), s_shapes.cpu()):

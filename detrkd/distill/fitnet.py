@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.base import DetrAdapter, EncoderMemory
-from .base import DistillContext, DistillMethod, check_choice
+from .base import DistillContext, DistillMethod
 from .features import check_same_grid, masked_feature_mse, width_and_layer
 
 
@@ -48,21 +48,18 @@ def level_token_mask(memory: EncoderMemory, levels: Sequence[int]) -> Tensor:
 class FitNet(DistillMethod):
     """FitNet feature MSE; ``forward(ctx) -> {"feature": loss}`` (module docstring: the rules).
 
-    teacher, student: the adapters, or their memory widths (ints). levels: "all" | list of ints;
+    student, teacher: the adapters, or their memory widths (ints). levels: "all" | list of ints;
     connector: "auto" | "always" | "none"; normalise: "none" | "batch_norm"; eps: for batch_norm.
     """
 
     compares_memory = True
+    terms = {"feature": 1.0}
 
-    def __init__(self, teacher: DetrAdapter | int, student: DetrAdapter | int, *,
+    def __init__(self, student: DetrAdapter | int, teacher: DetrAdapter | int, *,
                  levels: Literal["all"] | Sequence[int] = "all",
                  connector: Literal["auto", "always", "none"] = "auto",
                  normalise: Literal["none", "batch_norm"] = "none", eps: float = 1e-5):
         super().__init__()
-        check_choice("fitnet", "connector", connector, ("auto", "always", "none"))
-        check_choice("fitnet", "normalise", normalise, ("none", "batch_norm"))
-        if levels != "all" and (isinstance(levels, str) or not all(isinstance(x, int) for x in levels)):
-            raise ValueError(f"fitnet levels must be 'all' or a list of level indices, got {levels!r}")
         t_width, s_width = width_and_layer(teacher)[0], width_and_layer(student)[0]
         if connector == "none" and t_width != s_width:
             raise ValueError(f"fitnet: the student memory width {s_width} differs from the teacher's {t_width} "
@@ -75,14 +72,14 @@ class FitNet(DistillMethod):
 
     def forward(self, ctx: DistillContext) -> dict[str, Tensor]:
         t_mem, s_mem = ctx.teacher_out.memory, ctx.student_out.memory
-        check_same_grid(ctx.teacher_out, ctx.student_out, "FitNet")
+        check_same_grid(ctx.student_out, ctx.teacher_out, "FitNet")
         valid = ~(t_mem.padding_mask | s_mem.padding_mask.to(t_mem.padding_mask.device))  # [B, N]
         if self.levels != "all":
             valid = valid & level_token_mask(t_mem, self.levels)[None]
         student = self.student_features(s_mem.tokens)
         teacher = t_mem.tokens.detach().to(student.dtype)
         weight = torch.ones(valid.shape, dtype=student.dtype, device=student.device)
-        return {"feature": masked_feature_mse(teacher, student, weight, valid, self.normalise == "batch_norm",
+        return {"feature": masked_feature_mse(student, teacher, weight, valid, self.normalise == "batch_norm",
                                               self.eps)}
 
     def student_features(self, tokens: Tensor) -> Tensor:

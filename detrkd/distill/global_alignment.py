@@ -2,7 +2,7 @@
 
 Per image and per (student layer, teacher layer) pair, ALL teacher predictions are Hungarian-matched
 to ALL student predictions (cost: soft class 1, L1 5, GIoU 2, the teacher-vs-student cost of
-``lapd.prediction_cost``), and the student mimics its matched teacher prediction: class KD (BCE on
+``pairing.prediction_cost``), and the student mimics its matched teacher prediction: class KD (BCE on
 the teacher's probabilities, or KL) + L1 + GIoU, weights 1 / 5 / 2. With Qt != Qs queries every
 problem yields min(Qt, Qs) pairs (the surplus queries of the larger side get no distillation).
 This is the matching QSKD Table 7 and the active-sampling paper's Table 2 call slow.
@@ -43,10 +43,9 @@ from torch import Tensor
 
 from ..matching import CostWeights, Solver, linear_assignment
 from ..models.base import ClassHead, Predictions
-from .base import DistillContext, DistillMethod, check_choice, gather_flat
-from .kd_detr import foreground_weight
-from .lapd import Alignment, layer_pairs, prediction_cost
-from .losses import ClassKD, pair_losses
+from .base import DistillContext, DistillMethod
+from .losses import ClassKD, foreground_weight, pair_losses
+from .pairing import Alignment, empty_alignment, gather_flat, layer_pairs, prediction_cost
 
 # entries of one cost chunk on the CPU (4 MiB of float32): one 900 x 900 problem per chunk
 CHUNK_ELEMENTS = 1 << 20
@@ -84,17 +83,17 @@ def solve_costs(cost: np.ndarray, solver: Solver = "auto", workers: int = 0) -> 
     return [linear_assignment(c, solver) for c in cost]
 
 
-def global_alignment(teacher_logits: Tensor, teacher_boxes: Tensor, student_logits: Tensor,
-                     student_boxes: Tensor, heads: tuple[ClassHead, ClassHead],
+def global_alignment(student_logits: Tensor, student_boxes: Tensor, teacher_logits: Tensor,
+                     teacher_boxes: Tensor, heads: tuple[ClassHead, ClassHead],
                      cost_weights: CostWeights | tuple[float, float, float] = CostWeights(),
                      solver: Solver = "auto", workers: int = DEFAULT_WORKERS,
                      chunk_elements: int = CHUNK_ELEMENTS) -> tuple[Alignment, dict[str, float]]:
     """Optimal teacher-vs-student assignment of each of P independent problems.
 
-    teacher_logits [P, Qt, Kt], teacher_boxes [P, Qt, 4], student_logits [P, Qs, Ks], student_boxes
-    [P, Qs, 4]; heads = (teacher head, student head). Returns the pairs as flat indices
-    (``teacher`` [P * k] = p * Qt + q_t, ``student`` = p * Qs + q_s, k = min(Qt, Qs), ordered by
-    problem) and the seconds spent: {"cost": computing costs, "solve": the rest of the matching
+    student_logits [P, Qs, Ks], student_boxes [P, Qs, 4], teacher_logits [P, Qt, Kt], teacher_boxes
+    [P, Qt, 4]; heads = (student head, teacher head). Returns the pairs as flat indices
+    (``student`` [P * k] = p * Qs + q_s, ``teacher`` = p * Qt + q_t, k = min(Qt, Qs), ordered by
+    problem; each problem is posed teacher rows x student columns) and the seconds spent: {"cost": computing costs, "solve": the rest of the matching
     (solving not hidden behind cost computation), "match": both}.
     """
     (p, qt), qs = teacher_logits.shape[:2], student_logits.shape[1]
@@ -110,8 +109,8 @@ def global_alignment(teacher_logits: Tensor, teacher_boxes: Tensor, student_logi
         chunk = slice(lo, min(p, lo + step))
         t0 = time.perf_counter()
         buffer = cost[chunk] if on_cpu else teacher_logits.new_empty(cost[chunk].shape, dtype=torch.float32)
-        buffer = prediction_cost(teacher_logits[chunk], teacher_boxes[chunk], student_logits[chunk],
-                                 student_boxes[chunk], heads, cost_weights, out=buffer)
+        buffer = prediction_cost(student_logits[chunk], student_boxes[chunk], teacher_logits[chunk],
+                                 teacher_boxes[chunk], heads, cost_weights, out=buffer)
         if not on_cpu:
             cost[chunk] = buffer  # one device-to-host copy (the only chunk on a GPU)
         cost_seconds += time.perf_counter() - t0
@@ -124,8 +123,8 @@ def global_alignment(teacher_logits: Tensor, teacher_boxes: Tensor, student_logi
 
 
 @torch.no_grad()
-def reference_alignment(teacher_logits: Tensor, teacher_boxes: Tensor, student_logits: Tensor,
-                        student_boxes: Tensor, heads: tuple[ClassHead, ClassHead], batch: int,
+def reference_alignment(student_logits: Tensor, student_boxes: Tensor, teacher_logits: Tensor,
+                        teacher_boxes: Tensor, heads: tuple[ClassHead, ClassHead], batch: int,
                         cost_weights: CostWeights | tuple[float, float, float] = CostWeights()) -> Alignment:
     """The same matching done naively (for benchmarks): per layer pair one [B, Qt, Qs] cost (the
     P problems in groups of ``batch``), copied to the CPU, then scipy per image, serially.
@@ -134,8 +133,8 @@ def reference_alignment(teacher_logits: Tensor, teacher_boxes: Tensor, student_l
     solved = []
     for lo in range(0, p, batch):
         layer = slice(lo, min(p, lo + batch))
-        cost = prediction_cost(teacher_logits[layer], teacher_boxes[layer], student_logits[layer],
-                               student_boxes[layer], heads, cost_weights).cpu().numpy()
+        cost = prediction_cost(student_logits[layer], student_boxes[layer], teacher_logits[layer],
+                               teacher_boxes[layer], heads, cost_weights).cpu().numpy()
         solved += [linear_sum_assignment(c) for c in cost]
     return _flat_pairs(solved, qt, qs, teacher_logits.device)
 
@@ -143,21 +142,20 @@ def reference_alignment(teacher_logits: Tensor, teacher_boxes: Tensor, student_l
 def _flat_pairs(solved: list[tuple[np.ndarray, np.ndarray]], qt: int, qs: int, device: torch.device) -> Alignment:
     """Per-problem (teacher rows, student cols) -> flat Alignment (p * Q + q), problem order."""
     if not solved or not len(solved[0][0]):
-        empty = torch.zeros(0, dtype=torch.long, device=device)
-        return Alignment(empty, empty.clone())
+        return empty_alignment(device)
     problem = np.arange(len(solved), dtype=np.int64)[:, None]
     rows = np.stack([r for r, _ in solved]).astype(np.int64)  # [P, k]: every problem has k = min(Qt, Qs)
     cols = np.stack([c for _, c in solved]).astype(np.int64)
-    return Alignment(torch.from_numpy((problem * qt + rows).ravel()).to(device),
-                     torch.from_numpy((problem * qs + cols).ravel()).to(device))
+    return Alignment(torch.from_numpy((problem * qs + cols).ravel()).to(device),
+                     torch.from_numpy((problem * qt + rows).ravel()).to(device))
 
 
 class GlobalAlignment(DistillMethod):
     """DETRDistill-style global alignment; ``forward(ctx) -> {"cls", "l1", "giou"}``.
 
     layers: "all" (default, every decoder layer as DETRDistill) | "last"; pairing: "index" |
-    "last" (``lapd.layer_pairs``: student layer i vs the teacher layer at the same relative depth,
-    or every student layer vs the teacher's last); weights: loss (class, L1, GIoU); cost_weights:
+    "last" (``pairing.layer_pairs``: student layer i vs the teacher layer at the same relative depth,
+    or every student layer vs the teacher's last); cost_weights:
     matching cost (class, L1, GIoU); class_kd: "bce" | "kl"; temperature (for "kl"); weighting:
     "none" | "teacher_score" (per-pair weight = the teacher's max class probability);
     layer_reduction: "sum" (default; like DETR's auxiliary losses) | "mean" of the per-layer terms.
@@ -166,29 +164,25 @@ class GlobalAlignment(DistillMethod):
     (0 = none); reference: match with ``reference_alignment`` instead (naive per-layer scipy,
     for benchmarks; ``solver`` / ``workers`` are then unused).
     ``last_timing``: seconds of the last call: cost, solve, match (= cost + solve), loss, total.
-    ``teacher`` / ``student`` are accepted (and unused) for ``build_methods``.
+    The terms are unweighted (class / L1 / GIoU 1 / 5 / 2 are ``terms``, applied by the ``Distiller``).
+    ``student`` / ``teacher`` are accepted (and unused) for ``build_methods``.
     """
 
-    def __init__(self, teacher: object = None, student: object = None, *,
+    terms = {"cls": 1.0, "l1": 5.0, "giou": 2.0}
+
+    def __init__(self, student: object = None, teacher: object = None, *,
                  layers: Literal["all", "last"] = "all", pairing: Literal["index", "last"] = "index",
-                 weights: Sequence[float] = (1.0, 5.0, 2.0), cost_weights: Sequence[float] = (1.0, 5.0, 2.0),
+                 cost_weights: Sequence[float] = (1.0, 5.0, 2.0),
                  class_kd: ClassKD = "bce", temperature: float = 1.0,
                  weighting: Literal["none", "teacher_score"] = "none",
                  layer_reduction: Literal["sum", "mean"] = "sum", solver: Solver = "auto",
                  workers: int = DEFAULT_WORKERS, reference: bool = False):
         super().__init__()
-        check_choice("global_alignment", "layers", layers, ("all", "last"))
-        check_choice("global_alignment", "pairing", pairing, ("index", "last"))
-        check_choice("global_alignment", "class_kd", class_kd, ("bce", "kl"))
-        check_choice("global_alignment", "weighting", weighting, ("none", "teacher_score"))
-        check_choice("global_alignment", "layer_reduction", layer_reduction, ("sum", "mean"))
-        check_choice("global_alignment", "solver", solver, ("auto", "scipy", "lapjv"))
-        if len(weights) != 3 or len(cost_weights) != 3:
-            raise ValueError("global_alignment weights and cost_weights are (class, L1, GIoU) triples")
+        if len(cost_weights) != 3:
+            raise ValueError("global_alignment cost_weights is a (class, L1, GIoU) triple")
         if int(workers) < 0:
             raise ValueError(f"global_alignment workers must be >= 0, got {workers}")
         self.layers, self.pairing = layers, pairing
-        self.weights = tuple(float(w) for w in weights)
         self.cost_weights = CostWeights(*(float(w) for w in cost_weights))
         self.class_kd, self.temperature, self.weighting = class_kd, float(temperature), weighting
         self.layer_reduction, self.solver, self.workers = layer_reduction, solver, int(workers)
@@ -200,8 +194,8 @@ class GlobalAlignment(DistillMethod):
         s_pred, t_pred = ctx.student_out.predictions, ctx.teacher_out.predictions
         pairs = layer_pairs(s_pred.num_layers, t_pred.num_layers, self.layers, self.pairing)
         s_logits, s_boxes, t_logits, t_boxes = stack_layer_pairs(s_pred, t_pred, pairs)  # [P, Q, .]
-        heads = (ctx.teacher_out.class_head, ctx.student_out.class_head)
-        align, timing = self.match(t_logits, t_boxes, s_logits, s_boxes, heads, batch=s_pred.logits.shape[1])
+        heads = (ctx.student_out.class_head, ctx.teacher_out.class_head)
+        align, timing = self.match(s_logits, s_boxes, t_logits, t_boxes, heads, batch=s_pred.logits.shape[1])
         t0 = time.perf_counter()
         terms = self.loss(align, s_logits, s_boxes, t_logits, t_boxes, heads, len(pairs))
         timing["loss"] = time.perf_counter() - t0
@@ -209,24 +203,24 @@ class GlobalAlignment(DistillMethod):
         self.last_timing = timing
         return terms
 
-    def match(self, t_logits: Tensor, t_boxes: Tensor, s_logits: Tensor, s_boxes: Tensor,
+    def match(self, s_logits: Tensor, s_boxes: Tensor, t_logits: Tensor, t_boxes: Tensor,
               heads: tuple[ClassHead, ClassHead], batch: int) -> tuple[Alignment, dict[str, float]]:
         """(Alignment over the P problems, timing) with the configured implementation."""
         if not self.reference:
-            return global_alignment(t_logits, t_boxes, s_logits.detach(), s_boxes.detach(), heads,
+            return global_alignment(s_logits.detach(), s_boxes.detach(), t_logits, t_boxes, heads,
                                     self.cost_weights, self.solver, self.workers)
         start = time.perf_counter()
-        align = reference_alignment(t_logits, t_boxes, s_logits.detach(), s_boxes.detach(), heads, batch,
+        align = reference_alignment(s_logits.detach(), s_boxes.detach(), t_logits, t_boxes, heads, batch,
                                     self.cost_weights)
         return align, {"match": time.perf_counter() - start}
 
     def loss(self, align: Alignment, s_logits: Tensor, s_boxes: Tensor, t_logits: Tensor, t_boxes: Tensor,
              heads: tuple[ClassHead, ClassHead], num_pairs: int) -> dict[str, Tensor]:
-        """Weighted {"cls", "l1", "giou"}: per layer pair a (weighted) mean over its pairs, then
+        """Unweighted {"cls", "l1", "giou"}: per layer pair a (weighted) mean over its pairs, then
         summed (or averaged) over layer pairs; one batched ``pair_losses`` call."""
         t_logits_p = gather_flat(t_logits, align.teacher)  # [n_pairs * B * k, Kt]
         if self.weighting == "teacher_score":
-            w = foreground_weight(t_logits_p, heads[0])
+            w = foreground_weight(t_logits_p, heads[1])
         else:
             w = t_logits_p.new_ones(t_logits_p.shape[0])
         if len(w):
@@ -234,8 +228,8 @@ class GlobalAlignment(DistillMethod):
             w = (per_layer / per_layer.sum(1, keepdim=True).clamp(min=1e-6)).flatten()
         scale = float(num_pairs) if self.layer_reduction == "mean" else 1.0
         return pair_losses(gather_flat(s_logits, align.student), gather_flat(s_boxes, align.student),
-                           t_logits_p, gather_flat(t_boxes, align.teacher), heads[1], heads[0],
-                           self.weights, self.class_kd, self.temperature, pair_weight=w, normaliser=scale)
+                           t_logits_p, gather_flat(t_boxes, align.teacher), *heads,
+                           self.class_kd, self.temperature, pair_weight=w, normaliser=scale)
 
     def extra_repr(self) -> str:
         return (f"layers={self.layers}, pairing={self.pairing}, class_kd={self.class_kd}, "

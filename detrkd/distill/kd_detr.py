@@ -73,14 +73,13 @@ from torch.profiler import record_function
 
 from ..box_ops import xyxy_to_cxcywh
 from ..models.base import ClassHead, DetectorOutput, DetrAdapter, Predictions
-from .base import DistillContext, DistillMethod, check_choice, gather_flat
-from .lapd import Alignment, layer_pairs
-from .losses import ClassKD, box_l1_giou, class_kd, class_probabilities, pair_losses
+from .base import DistillContext, DistillMethod
+from .losses import ClassKD, box_l1_giou, class_kd, foreground_weight, pair_losses
+from .pairing import Alignment, gather_flat, layer_pairs
 
 PointKind = Literal["general", "specific", "both", "inconsistent", "similar_foreground", "similar_general"]
 POINT_KINDS: tuple[str, ...] = ("general", "specific", "both")
 BASELINES: tuple[str, ...] = ("inconsistent", "similar_foreground", "similar_general")
-TERMS: tuple[str, ...] = ("cls", "l1", "giou")
 
 
 class PointGroup(NamedTuple):
@@ -162,24 +161,24 @@ def _detached(p: Predictions) -> Predictions:
 # ---- Table 1 pairs ---------------------------------------------------------------------------------
 
 
-def inconsistent_pairs(batch: int, num_teacher: int, num_student: int,
+def inconsistent_pairs(batch: int, num_student: int, num_teacher: int,
                        device: torch.device | str | None = None) -> Alignment:
-    """Query i <-> query i for i < min(Qt, Qs) in every image, as flat (b * Q + q) indices [P]."""
+    """Query i <-> query i for i < min(Qs, Qt) in every image, as flat (b * Q + q) indices [P]."""
     q = torch.arange(min(num_teacher, num_student), device=device)
     b = torch.arange(batch, device=device)[:, None]
-    return Alignment((b * num_teacher + q).flatten(), (b * num_student + q).flatten())
+    return Alignment((b * num_student + q).flatten(), (b * num_teacher + q).flatten())
 
 
-def foreground_pairs(teacher_positive: Tensor, student_positive: Tensor, num_teacher: int,
-                     num_student: int) -> Alignment:
+def foreground_pairs(student_positive: Tensor, teacher_positive: Tensor, num_student: int,
+                     num_teacher: int) -> Alignment:
     """GT-matched queries paired through their GT, ordered by (image, GT).
 
-    teacher_positive, student_positive: [B, T] long, the query matched to each GT, -1 if none
+    student_positive, teacher_positive: [B, T] long, the query matched to each GT, -1 if none
     (``QuerySelection.positive_index``) -> flat (b * Q + q) indices [P].
     """
     both = (teacher_positive >= 0) & (student_positive >= 0)
     img, gt = both.nonzero(as_tuple=True)
-    return Alignment(img * num_teacher + teacher_positive[img, gt], img * num_student + student_positive[img, gt])
+    return Alignment(img * num_student + student_positive[img, gt], img * num_teacher + teacher_positive[img, gt])
 
 
 def unmatched_mean(x: Tensor, positive: Tensor) -> tuple[Tensor, Tensor]:
@@ -193,29 +192,23 @@ def unmatched_mean(x: Tensor, positive: Tensor) -> tuple[Tensor, Tensor]:
 # ---- loss ------------------------------------------------------------------------------------------
 
 
-def foreground_weight(teacher_logits: Tensor, head: ClassHead) -> Tensor:
-    """Eq. 5: [..., K] teacher logits -> [...] max real-class probability (detached)."""
-    return class_probabilities(teacher_logits.detach(), head).max(-1).values
-
-
-def aligned_losses(pairs: Aligned, heads: tuple[ClassHead, ClassHead], weights: Sequence[float] = (1.0, 5.0, 2.0),
-                   mode: ClassKD = "kl", temperature: float = 10.0, rebalance: bool = True,
-                   normalise: str = "official") -> dict[str, Tensor]:
-    """Weighted {"cls", "l1", "giou"} of P aligned pairs; heads = (teacher, student).
+def aligned_losses(pairs: Aligned, heads: tuple[ClassHead, ClassHead], mode: ClassKD = "kl",
+                   temperature: float = 10.0, rebalance: bool = True, normalise: str = "official") -> dict[str, Tensor]:
+    """Unweighted {"cls", "l1", "giou"} of P aligned pairs; heads = (student, teacher).
 
     Module docstring: the weight w_i and the two normalisations.
     """
     s_logits, s_boxes, t_logits, t_boxes = pairs
-    w = foreground_weight(t_logits, heads[0]) if rebalance else t_logits.new_ones(t_logits.shape[0])
+    student_head, teacher_head = heads
+    w = foreground_weight(t_logits, teacher_head) if rebalance else t_logits.new_ones(t_logits.shape[0])
     if normalise == "mean":
-        return pair_losses(s_logits, s_boxes, t_logits, t_boxes, heads[1], heads[0], tuple(weights), mode,
+        return pair_losses(s_logits, s_boxes, t_logits, t_boxes, student_head, teacher_head, mode,
                            temperature, pair_weight=w, normaliser=w.sum())
-    num_classes = t_logits.shape[-1] - (heads[0] == "softmax")
-    cls = class_kd(s_logits, t_logits, heads[1], heads[0], mode, temperature) / num_classes
+    num_classes = t_logits.shape[-1] - (teacher_head == "softmax")
+    cls = class_kd(s_logits, t_logits, student_head, teacher_head, mode, temperature) / num_classes
     l1, giou = box_l1_giou(s_boxes, t_boxes)
     norm = w.sum().clamp(min=1e-6)
-    return {"cls": weights[0] * (w * cls).sum(), "l1": weights[1] * (w * l1 / 4).sum() / norm,
-            "giou": weights[2] * (w * giou).sum() / norm}
+    return {"cls": (w * cls).sum(), "l1": (w * l1 / 4).sum() / norm, "giou": (w * giou).sum() / norm}
 
 
 class KDDETR(DistillMethod):
@@ -226,34 +219,28 @@ class KDDETR(DistillMethod):
     (300: the paper's DAB/Deformable value, Table 7 saturates there); sampling: "uniform" |
     "logit_normal"; min_size: smallest w, h of a uniform point; point_size: w, h given to 2-d
     reference points; rebalance: foreground weight (Eq. 5); class_kd: "kl" | "bce"; temperature;
-    weights: (class, L1, GIoU); normalise: "official" | "mean"; layers: "all" | "last"; pairing:
-    "last" | "index" (for layers="all"). ``teacher`` / ``student`` are accepted (and unused) so that
-    ``build_methods`` can construct it as ``KDDETR(teacher, student, **options)``.
+    normalise: "official" | "mean"; layers: "all" | "last"; pairing: "last" | "index" (for
+    layers="all"). The terms are unweighted: the paper's class / L1 / GIoU weights 1 / 5 / 2 are
+    ``terms``, applied by the ``Distiller``. ``student`` / ``teacher`` are accepted (and unused) so
+    that ``build_methods`` can construct it as ``KDDETR(student, teacher, **options)``.
     """
 
-    def __init__(self, teacher: object = None, student: object = None, *, points: PointKind = "both",
+    terms = {"cls": 1.0, "l1": 5.0, "giou": 2.0}
+
+    def __init__(self, student: object = None, teacher: object = None, *, points: PointKind = "both",
                  general: int = 300, sampling: Literal["uniform", "logit_normal"] = "uniform",
                  min_size: float = 0.05, point_size: float = 0.05, rebalance: bool = True,
-                 class_kd: ClassKD = "kl", temperature: float = 10.0, weights: Sequence[float] = (1.0, 5.0, 2.0),
+                 class_kd: ClassKD = "kl", temperature: float = 10.0,
                  normalise: Literal["official", "mean"] = "official", layers: Literal["all", "last"] = "all",
                  pairing: Literal["last", "index"] = "last"):
         super().__init__()
-        check_choice("KD-DETR", "points", points, POINT_KINDS + BASELINES)
-        check_choice("KD-DETR", "sampling", sampling, ("uniform", "logit_normal"))
-        check_choice("KD-DETR", "class_kd", class_kd, ("kl", "bce"))
-        check_choice("KD-DETR", "normalise", normalise, ("official", "mean"))
-        check_choice("KD-DETR", "layers", layers, ("all", "last"))
-        check_choice("KD-DETR", "pairing", pairing, ("last", "index"))
         if points in ("general", "both") and int(general) < 1:
             raise ValueError(f"KD-DETR points={points!r} needs general >= 1, got {general}")
         if not 0.0 < min_size <= 1.0 or not 0.0 < point_size <= 1.0:
             raise ValueError("min_size and point_size must be in (0, 1]")
-        if len(weights) != 3:
-            raise ValueError("weights is a (class, L1, GIoU) triple")
         self.points, self.general, self.sampling = points, int(general), sampling
         self.min_size, self.point_size, self.rebalance = float(min_size), float(point_size), bool(rebalance)
         self.class_kd, self.temperature = class_kd, float(temperature)
-        self.weights = tuple(float(w) for w in weights)
         self.normalise, self.layers, self.pairing = normalise, layers, pairing
 
     # ---- points ------------------------------------------------------------------------------
@@ -280,12 +267,12 @@ class KDDETR(DistillMethod):
         t_logits, t_boxes = (x.detach() for x in ctx.teacher_out.predictions.layer(teacher_layer))
         (b, qs), qt = s_logits.shape[:2], t_logits.shape[1]
         if self.points == "inconsistent":
-            align = inconsistent_pairs(b, qt, qs, s_logits.device)
+            align = inconsistent_pairs(b, qs, qt, s_logits.device)
             return Aligned(gather_flat(s_logits, align.student), gather_flat(s_boxes, align.student),
                            gather_flat(t_logits, align.teacher), gather_flat(t_boxes, align.teacher))
         t_sel, s_sel = ctx.selection("teacher", teacher_layer), ctx.selection("student", student_layer)
-        align = foreground_pairs(t_sel.positive_index.to(s_logits.device),
-                                 s_sel.positive_index.to(s_logits.device), qt, qs)
+        align = foreground_pairs(s_sel.positive_index.to(s_logits.device),
+                                 t_sel.positive_index.to(s_logits.device), qs, qt)
         parts = [[gather_flat(s_logits, align.student)], [gather_flat(s_boxes, align.student)],
                  [gather_flat(t_logits, align.teacher)], [gather_flat(t_boxes, align.teacher)]]
         if self.points == "similar_general":
@@ -298,7 +285,7 @@ class KDDETR(DistillMethod):
 
     # ---- loss --------------------------------------------------------------------------------
     def forward(self, ctx: DistillContext) -> dict[str, Tensor]:
-        heads = (ctx.teacher_out.class_head, ctx.student_out.class_head)
+        heads = (ctx.student_out.class_head, ctx.teacher_out.class_head)
         pairs = layer_pairs(ctx.student_out.predictions.num_layers, ctx.teacher_out.predictions.num_layers,
                             self.layers, self.pairing)
         if self.points in BASELINES:
@@ -307,9 +294,9 @@ class KDDETR(DistillMethod):
             aligned = [Aligned(g.student.logits[s].flatten(0, 1), g.student.boxes[s].flatten(0, 1),
                                g.teacher.logits[t].flatten(0, 1), g.teacher.boxes[t].flatten(0, 1))
                        for g in self.point_groups(ctx) for s, t in pairs]
-        terms = [aligned_losses(a, heads, self.weights, self.class_kd, self.temperature, self.rebalance,
-                                self.normalise) for a in aligned]
-        return {k: torch.stack([t[k] for t in terms]).sum() for k in TERMS}
+        terms = [aligned_losses(a, heads, self.class_kd, self.temperature, self.rebalance, self.normalise)
+                 for a in aligned]
+        return {k: torch.stack([t[k] for t in terms]).sum() for k in self.terms}
 
     def extra_repr(self) -> str:
         return (f"points={self.points}, general={self.general}, sampling={self.sampling}, "

@@ -19,7 +19,8 @@ With different class heads (softmax teacher, sigmoid student, or the reverse) th
 the L1 distance of the C real-class probability vectors; with equal heads it is ``pairwise_cost``'s
 native one (softmax vectors include the no-object entry).
 
-The loss on the P pairs is ``pair_losses`` (class KD + L1 + GIoU, weights 1/5/2). Decisions:
+The loss on the P pairs is ``pair_losses`` (class KD + L1 + GIoU, unweighted; the Distiller applies
+the paper's 1/5/2). Decisions:
 - class KD default "bce": binary cross-entropy of the student's per-class probabilities against
   the teacher's (as in QSKD/DETRDistill); its minimum is the teacher's binary entropy, not 0
   (the gradient is 0 there); "kl" = temperature-scaled KL over the real classes (0 at equality).
@@ -36,17 +37,18 @@ The loss on the P pairs is ``pair_losses`` (class KD + L1 + GIoU, weights 1/5/2)
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Literal, NamedTuple, Sequence
+from typing import Iterator, Literal, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .. import matching
-from ..matching import CostWeights, pairwise_cost
+from ..matching import CostWeights
 from ..models.base import ClassHead
-from .base import DistillContext, DistillMethod, check_choice, gather_flat
-from .losses import ClassKD, class_probabilities, pair_losses
+from .base import DistillContext, DistillMethod
+from .losses import ClassKD, pair_losses
+from .pairing import Alignment, empty_alignment, gather_flat, layer_pairs, prediction_cost
 from .query_selection import QuerySelection
 
 PairKind = Literal["positive", "hard_negative", "easy_negative"]
@@ -60,15 +62,6 @@ DEFAULT_KINDS = "positives+hard"
 
 # (image, teacher query indices [n_t], student query indices [n_s]) of one assignment problem
 Block = tuple[int, np.ndarray, np.ndarray]
-
-
-class Alignment(NamedTuple):
-    """P aligned pairs as flat indices over (image, query): ``teacher`` [P] = b * Qt + q_t,
-    ``student`` [P] = b * Qs + q_s (long, on the predictions' device). Gather with
-    ``x.flatten(0, 1)[index]``. Order: positives, then hard negatives, then easy negatives."""
-
-    teacher: Tensor
-    student: Tensor
 
 
 def parse_kinds(kinds: str | Sequence[str]) -> tuple[PairKind, ...]:
@@ -86,39 +79,16 @@ def parse_kinds(kinds: str | Sequence[str]) -> tuple[PairKind, ...]:
     return tuple(k for k in KINDS if k in names)
 
 
-@torch.no_grad()
-def prediction_cost(teacher_logits: Tensor, teacher_boxes: Tensor, student_logits: Tensor,
-                    student_boxes: Tensor, heads: tuple[ClassHead, ClassHead],
-                    weights: CostWeights | tuple[float, float, float] = CostWeights(),
-                    out: Tensor | None = None) -> Tensor:
-    """Teacher-vs-student matching cost, detached float32.
-
-    teacher_logits [B, Qt, Kt], teacher_boxes [B, Qt, 4], student_logits [B, Qs, Ks],
-    student_boxes [B, Qs, 4]; heads = (teacher head, student head) -> [B, Qt, Qs]
-    (written into ``out``, float32 [B, Qt, Qs] on the inputs' device, when given: faster).
-    Mixed heads: both sides become real-class probabilities [.., C], passed to ``pairwise_cost``
-    as sigmoid logits (sigmoid(logit(p)) = p), so the class cost is their L1 distance.
-    """
-    t, s = teacher_logits.detach().float(), student_logits.detach().float()
-    head = heads[0]
-    if heads[0] != heads[1]:
-        t = torch.logit(class_probabilities(t, heads[0]), eps=1e-6)
-        s = torch.logit(class_probabilities(s, heads[1]), eps=1e-6)
-        head = "sigmoid"
-    return pairwise_cost(t, teacher_boxes.detach().float(), s, student_boxes.detach().float(), head, weights,
-                         out=out)
-
-
-def local_alignment(teacher_sel: QuerySelection, student_sel: QuerySelection, teacher_logits: Tensor,
-                    teacher_boxes: Tensor, student_logits: Tensor, student_boxes: Tensor,
+def local_alignment(student_sel: QuerySelection, teacher_sel: QuerySelection, student_logits: Tensor,
+                    student_boxes: Tensor, teacher_logits: Tensor, teacher_boxes: Tensor,
                     heads: tuple[ClassHead, ClassHead], per_image: bool = False,
                     kinds: str | Sequence[str] = DEFAULT_KINDS,
                     cost_weights: CostWeights | tuple[float, float, float] = CostWeights()) -> Alignment:
     """LAPD pairs for a batch (module docstring: the rules).
 
-    teacher_sel / student_sel: GQS of teacher_logits [B, Qt, Kt] / boxes [B, Qt, 4] and of
-    student_logits [B, Qs, Ks] / boxes [B, Qs, 4] against the same targets; heads = (teacher,
-    student). Costs are computed only for the pairs inside non-empty assignment problems.
+    student_sel / teacher_sel: GQS of student_logits [B, Qs, Ks] / boxes [B, Qs, 4] and of
+    teacher_logits [B, Qt, Kt] / boxes [B, Qt, 4] against the same targets; heads = (student,
+    teacher). Costs are computed only for the pairs inside non-empty assignment problems.
     """
     _check_selections(teacher_sel, student_sel, teacher_logits.shape[:2], student_logits.shape[:2])
     kinds = parse_kinds(kinds)
@@ -127,7 +97,7 @@ def local_alignment(teacher_sel: QuerySelection, student_sel: QuerySelection, te
     blocks = list(_hard_blocks(t_sel, s_sel, per_image)) if "hard_negative" in kinds else []
     blocks += list(_image_blocks(t_sel, s_sel, "easy_negative")) if "easy_negative" in kinds else []
     if blocks:
-        costs = _block_costs(blocks, teacher_logits, teacher_boxes, student_logits, student_boxes, heads,
+        costs = _block_costs(blocks, student_logits, student_boxes, teacher_logits, teacher_boxes, heads,
                              cost_weights)
         parts.append(_solve_blocks(costs, blocks))
     return _flat_alignment(parts, teacher_logits.shape[1], student_logits.shape[1], teacher_logits.device)
@@ -174,8 +144,8 @@ def _image_blocks(t_sel: QuerySelection, s_sel: QuerySelection, kind: PairKind) 
             yield b, t.numpy(), s.numpy()
 
 
-def _block_costs(blocks: list[Block], teacher_logits: Tensor, teacher_boxes: Tensor, student_logits: Tensor,
-                 student_boxes: Tensor, heads: tuple[ClassHead, ClassHead],
+def _block_costs(blocks: list[Block], student_logits: Tensor, student_boxes: Tensor, teacher_logits: Tensor,
+                 teacher_boxes: Tensor, heads: tuple[ClassHead, ClassHead],
                  weights: CostWeights | tuple[float, float, float]) -> list[np.ndarray]:
     """Each block's [len(t), len(s)] teacher x student cost (numpy), copied to the host at once.
 
@@ -189,8 +159,8 @@ def _block_costs(blocks: list[Block], teacher_logits: Tensor, teacher_boxes: Ten
     device, costs = teacher_logits.device, []
     for b, t, s in blocks:
         ti, si = torch.from_numpy(t).to(device), torch.from_numpy(s).to(device)
-        costs.append(prediction_cost(teacher_logits[b, ti][None], teacher_boxes[b, ti][None],
-                                     student_logits[b, si][None], student_boxes[b, si][None], heads, weights))
+        costs.append(prediction_cost(student_logits[b, si][None], student_boxes[b, si][None],
+                                     teacher_logits[b, ti][None], teacher_boxes[b, ti][None], heads, weights))
     flat = torch.cat([c.flatten() for c in costs]).cpu().numpy()
     parts = np.split(flat, np.cumsum([c.numel() for c in costs])[:-1])
     return [part.reshape(len(t), len(s)) for part, (_, t, s) in zip(parts, blocks)]
@@ -210,53 +180,37 @@ def _solve_blocks(costs: list[np.ndarray], blocks: list[Block]) -> tuple[np.ndar
 
 def _flat_alignment(parts: list[tuple[np.ndarray, ...]], qt: int, qs: int, device: torch.device) -> Alignment:
     if not parts:
-        empty = torch.zeros(0, dtype=torch.long, device=device)
-        return Alignment(empty, empty.clone())
+        return empty_alignment(device)
     img, teacher, student = (torch.from_numpy(np.concatenate(x).astype(np.int64)) for x in zip(*parts))
-    return Alignment((img * qt + teacher).to(device), (img * qs + student).to(device))
-
-
-def layer_pairs(num_student: int, num_teacher: int, layers: str = "last",
-                pairing: str = "index") -> list[tuple[int, int]]:
-    """(student layer, teacher layer) pairs, non-negative indices (module docstring: the rule)."""
-    if layers == "last":
-        return [(num_student - 1, num_teacher - 1)]
-    if pairing == "last" or num_student == 1:
-        return [(i, num_teacher - 1) for i in range(num_student)]
-    span_s, span_t = num_student - 1, num_teacher - 1
-    # floor(i * span_t / span_s + 1/2) in integers: half-way cases go to the later teacher layer
-    return [(i, (2 * i * span_t + span_s) // (2 * span_s)) for i in range(num_student)]
+    return Alignment((img * qs + student).to(device), (img * qt + teacher).to(device))
 
 
 class LAPD(DistillMethod):
-    """Local-Alignment Prediction Distillation; ``forward(ctx) -> {"cls", "l1", "giou"}``.
+    """Local-Alignment Prediction Distillation; ``forward(ctx) -> {"cls", "l1", "giou"}``, unweighted
+    (the paper's weights 1 / 5 / 2 are ``terms``, applied by the ``Distiller``).
 
     threshold: GQS hard-negative threshold (Table 6: 0.5 / 0.1 / 0.0); per_image: one hard-negative
     problem per image instead of per GT; kinds: pair kinds (Table 6), e.g. "positives+hard"
     (default), "positives", "hard", "easy", or a list; layers: "last" | "all"; pairing: "index" |
-    "last" (for layers="all"); weights: loss (class, L1, GIoU); cost_weights: matching cost
-    (class, L1, GIoU); class_kd: "bce" | "kl"; temperature: for "kl"; normalise: "pairs" | "gt";
-    layer_reduction: "sum" | "mean". ``teacher`` / ``student`` are accepted (and unused) so that
-    ``build_methods`` can construct it as ``LAPD(teacher, student, **options)``.
+    "last" (for layers="all"); cost_weights: matching cost (class, L1, GIoU); class_kd: "bce" |
+    "kl"; temperature: for "kl"; normalise: "pairs" | "gt"; layer_reduction: "sum" | "mean".
+    ``student`` / ``teacher`` are accepted (and unused) so that ``build_methods`` can construct it as
+    ``LAPD(student, teacher, **options)``.
     """
 
-    def __init__(self, teacher: object = None, student: object = None, *, threshold: float = 0.0,
+    terms = {"cls": 1.0, "l1": 5.0, "giou": 2.0}
+
+    def __init__(self, student: object = None, teacher: object = None, *, threshold: float = 0.0,
                  per_image: bool = False, kinds: str | Sequence[str] = DEFAULT_KINDS,
                  layers: Literal["last", "all"] = "last", pairing: Literal["index", "last"] = "index",
-                 weights: Sequence[float] = (1.0, 5.0, 2.0), cost_weights: Sequence[float] = (1.0, 5.0, 2.0),
-                 class_kd: ClassKD = "bce", temperature: float = 1.0,
-                 normalise: Literal["pairs", "gt"] = "pairs", layer_reduction: Literal["sum", "mean"] = "sum"):
+                 cost_weights: Sequence[float] = (1.0, 5.0, 2.0), class_kd: ClassKD = "bce",
+                 temperature: float = 1.0, normalise: Literal["pairs", "gt"] = "pairs",
+                 layer_reduction: Literal["sum", "mean"] = "sum"):
         super().__init__()
-        check_choice("LAPD", "layers", layers, ("last", "all"))
-        check_choice("LAPD", "pairing", pairing, ("index", "last"))
-        check_choice("LAPD", "class_kd", class_kd, ("bce", "kl"))
-        check_choice("LAPD", "normalise", normalise, ("pairs", "gt"))
-        check_choice("LAPD", "layer_reduction", layer_reduction, ("sum", "mean"))
-        if len(weights) != 3 or len(cost_weights) != 3:
-            raise ValueError("weights and cost_weights are (class, L1, GIoU) triples")
+        if len(cost_weights) != 3:
+            raise ValueError("LAPD cost_weights is a (class, L1, GIoU) triple")
         self.threshold, self.per_image, self.kinds = float(threshold), bool(per_image), parse_kinds(kinds)
         self.layers, self.pairing = layers, pairing
-        self.weights = tuple(float(w) for w in weights)
         self.cost_weights = CostWeights(*(float(w) for w in cost_weights))
         self.class_kd, self.temperature = class_kd, float(temperature)
         self.normalise, self.layer_reduction = normalise, layer_reduction
@@ -266,24 +220,22 @@ class LAPD(DistillMethod):
                             self.layers, self.pairing)
         per_layer = [self.layer_loss(ctx, s, t) for s, t in pairs]
         scale = 1.0 / len(pairs) if self.layer_reduction == "mean" else 1.0
-        return {k: scale * torch.stack([terms[k] for terms in per_layer]).sum() for k in ("cls", "l1", "giou")}
+        return {k: scale * torch.stack([terms[k] for terms in per_layer]).sum() for k in self.terms}
 
     def layer_loss(self, ctx: DistillContext, student_layer: int, teacher_layer: int) -> dict[str, Tensor]:
-        """Weighted {"cls", "l1", "giou"} of one (student layer, teacher layer) pair."""
+        """Unweighted {"cls", "l1", "giou"} of one (student layer, teacher layer) pair."""
         s_logits, s_boxes = ctx.student_out.predictions.layer(student_layer)  # [B, Qs, Ks], [B, Qs, 4]
         t_logits, t_boxes = ctx.teacher_out.predictions.layer(teacher_layer)  # [B, Qt, Kt], [B, Qt, 4]
-        heads = (ctx.teacher_out.class_head, ctx.student_out.class_head)
-        align = local_alignment(ctx.selection("teacher", teacher_layer, self.threshold),
-                                ctx.selection("student", student_layer, self.threshold), t_logits, t_boxes,
-                                s_logits.detach(), s_boxes.detach(), heads, self.per_image, self.kinds,
+        heads = (ctx.student_out.class_head, ctx.teacher_out.class_head)
+        align = local_alignment(ctx.selection("student", student_layer, self.threshold),
+                                ctx.selection("teacher", teacher_layer, self.threshold), s_logits.detach(),
+                                s_boxes.detach(), t_logits, t_boxes, heads, self.per_image, self.kinds,
                                 self.cost_weights)
         normaliser = None if self.normalise == "pairs" else max(sum(len(t["boxes"]) for t in ctx.targets), 1)
         return pair_losses(gather_flat(s_logits, align.student), gather_flat(s_boxes, align.student),
-                           gather_flat(t_logits, align.teacher), gather_flat(t_boxes, align.teacher), heads[1], heads[0],
-                           self.weights, self.class_kd, self.temperature, normaliser=normaliser)
+                           gather_flat(t_logits, align.teacher), gather_flat(t_boxes, align.teacher), *heads,
+                           self.class_kd, self.temperature, normaliser=normaliser)
 
     def extra_repr(self) -> str:
         return (f"threshold={self.threshold}, per_image={self.per_image}, kinds={'+'.join(self.kinds)}, "
                 f"layers={self.layers}, pairing={self.pairing}, class_kd={self.class_kd}")
-
-

@@ -67,14 +67,13 @@ def box_l1_giou(student_boxes: Tensor, teacher_boxes: Tensor) -> tuple[Tensor, T
 
 def pair_losses(student_logits: Tensor, student_boxes: Tensor, teacher_logits: Tensor,
                 teacher_boxes: Tensor, student_head: ClassHead, teacher_head: ClassHead,
-                weights: tuple[float, float, float] = (1.0, 5.0, 2.0), mode: ClassKD = "bce",
-                temperature: float = 1.0, pair_weight: Tensor | None = None,
+                mode: ClassKD = "bce", temperature: float = 1.0, pair_weight: Tensor | None = None,
                 normaliser: float | Tensor | None = None) -> dict[str, Tensor]:
-    """Weighted class / L1 / GIoU terms over P aligned pairs.
+    """Unweighted class / L1 / GIoU terms over P aligned pairs (the ``Distiller`` weighs them).
 
-    weights: (class, L1, GIoU) multipliers; pair_weight: [P] optional per-pair weight (e.g. the
-    KD-DETR foreground weight); normaliser: divides the sums (default: number of pairs, >= 1).
-    Returns {"cls", "l1", "giou"} scalars (zero, with gradient, when P = 0).
+    pair_weight: [P] optional per-pair weight (e.g. the KD-DETR foreground weight); normaliser:
+    divides the sums (default: number of pairs, >= 1). Returns {"cls", "l1", "giou"} scalars
+    (zero, with gradient, when P = 0).
     """
     cls = class_kd(student_logits, teacher_logits, student_head, teacher_head, mode, temperature)
     l1, giou = box_l1_giou(student_boxes, teacher_boxes)
@@ -82,5 +81,9 @@ def pair_losses(student_logits: Tensor, student_boxes: Tensor, teacher_logits: T
         cls, l1, giou = cls * pair_weight, l1 * pair_weight, giou * pair_weight
     norm = torch.as_tensor(max(len(cls), 1) if normaliser is None else normaliser, dtype=cls.dtype)
     norm = norm.clamp(min=1e-6)
-    return {"cls": weights[0] * cls.sum() / norm, "l1": weights[1] * l1.sum() / norm,
-            "giou": weights[2] * giou.sum() / norm}
+    return {"cls": cls.sum() / norm, "l1": l1.sum() / norm, "giou": giou.sum() / norm}
+
+
+def foreground_weight(teacher_logits: Tensor, head: ClassHead) -> Tensor:
+    """KD-DETR Eq. 5: [..., K] teacher logits -> [...] max real-class probability (detached)."""
+    return class_probabilities(teacher_logits.detach(), head).max(-1).values

@@ -1,13 +1,12 @@
 """Detector adapters: build from a named preset, load from disk, save.
 
-``ADAPTERS`` maps a family name to ``"module:Class"``; modules are imported on first use so that one
-family's import cost (or failure) does not touch the others.
+``ADAPTERS`` maps a family name to its adapter class (transformers imports each family's modeling
+code lazily, on first use of its classes, so importing every adapter costs little).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import logging
 from pathlib import Path
@@ -15,15 +14,21 @@ from typing import Any, Sequence
 
 from .base import (PRESETS, DetectorOutput, DetrAdapter, EncoderMemory, Predictions, PresetSize,
                    Queries, count_hooks, hf_state_dict)
+from .families.conditional_detr import ConditionalDETRAdapter
+from .families.d_fine import DFineAdapter
+from .families.dab_detr import DABDETRAdapter
+from .families.deformable_detr import DeformableDETRAdapter
+from .families.detr import DETRAdapter
+from .families.rt_detr import RTDETRAdapter, RTDETRv2Adapter
 
-ADAPTERS: dict[str, str] = {
-    "detr": "detr:DETRAdapter",
-    "conditional_detr": "conditional_detr:ConditionalDETRAdapter",
-    "dab_detr": "dab_detr:DABDETRAdapter",
-    "deformable_detr": "deformable_detr:DeformableDETRAdapter",
-    "rt_detr": "rt_detr:RTDETRAdapter",
-    "rt_detr_v2": "rt_detr:RTDETRv2Adapter",
-    "d_fine": "d_fine:DFineAdapter",
+ADAPTERS: dict[str, type[DetrAdapter]] = {
+    "detr": DETRAdapter,
+    "conditional_detr": ConditionalDETRAdapter,
+    "dab_detr": DABDETRAdapter,
+    "deformable_detr": DeformableDETRAdapter,
+    "rt_detr": RTDETRAdapter,
+    "rt_detr_v2": RTDETRv2Adapter,
+    "d_fine": DFineAdapter,
 }
 
 log = logging.getLogger(__name__)
@@ -38,8 +43,7 @@ def adapter_class(family: str) -> type[DetrAdapter]:
     """The adapter class of a family name (see ``ADAPTERS``)."""
     if family not in ADAPTERS:
         raise ValueError(f"unknown detector family {family!r}; choose one of {sorted(ADAPTERS)}")
-    module, cls = ADAPTERS[family].split(":")
-    return getattr(importlib.import_module(f"{__name__}.families.{module}"), cls)
+    return ADAPTERS[family]
 
 
 def family_of_model_type(model_type: str) -> str:
