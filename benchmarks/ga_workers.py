@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    teacher, student = (m.eval() for m in Pair().build(args.queries))
+    student, teacher = (m.eval() for m in Pair().build(args.queries))
     batch = fixed_batch(8, 256, Path("data/digits"), 10)
     with torch.no_grad():
         t_out = teacher(batch["pixel_values"], batch["pixel_mask"])

@@ -20,7 +20,7 @@ from detrkd.distill.query_selection import group_query_selection
 
 def main() -> None:
     torch.set_num_threads(1)
-    t, s = Pair().build(900)
+    s, t = Pair().build(900)
     t.eval(); s.eval()
     batch = fixed_batch(8, 256, Path("data/digits"), 10)
     with torch.no_grad():

@@ -28,7 +28,7 @@ from detrkd.data.coco import CocoDetection
 from detrkd.data.collate import collate
 from detrkd.data.transforms import pixel_transforms
 from detrkd.distill.base import DistillMethod, Distiller
-from detrkd.distill.methods import METHODS, build_methods, method_class
+from detrkd.distill.methods import METHODS, build_methods, method_class, method_options
 from detrkd.distributed import detection_loss, local_device, shard, world
 from detrkd.engine import (Batch, EvalFn, Trainer, check_run_dir, detector_param_groups, named_param_groups,
                            setup_runtime)
@@ -294,9 +294,17 @@ def _named(model: DetrAdapter) -> bool:
     return bool(labels) and any(str(v) != f"LABEL_{k}" for k, v in labels.items())
 
 
+def check_distill_config(config: DistillConfig) -> None:
+    """``check_run_config`` plus every method's section (names, options, weights): ``ConfigError``
+    before any data, teacher or weights are loaded."""
+    check_run_config(config)
+    for name, section in config.methods.items():
+        method_options(name, section)
+
+
 def build_distill_trainer(config: DistillConfig, resume: bool = False, progress: bool = True) -> Trainer:
     """The ``Trainer`` of a distillation run as configured (process group joined)."""
-    check_run_config(config)
+    check_distill_config(config)
     check_run_dir(Path(config.output_dir), resume)
     device = setup_runtime(config)
     data = make_datasets(config)

@@ -53,6 +53,11 @@ def test_student_and_method_shortcuts_build_the_config():
     (["--student", "rt_detr", "--method", "qskd"], "FAMILY:PRESET"),
     (["--student", "rt_detr:tiny", "--method", "qsdk"], "not a method or recipe"),
     (["--student", "rt_detr:tiny", "--method", "qskd", "--method", "agfd"], "already named"),
+    # method options are checked before the data (here: a directory that does not exist) is read
+    (["--student", "rt_detr:tiny", "--method", "kd_detr", "--set", "methods.kd_detr.points=al"],
+     "methods.kd_detr.points: expected one of 'general', 'specific', 'both'"),
+    (["--student", "rt_detr:tiny", "--method", "lapd", "--set", "methods.lapd.terms.box=5"],
+     "methods.lapd.terms: unknown term(s) ['box']; lapd's terms: cls, l1, giou"),
 ])
 def test_bad_shortcuts_are_one_line_errors(argv, message, capsys):
     assert main(["distill", "--teacher", "t.pt", "--data", "d", *argv]) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import yaml
@@ -150,3 +151,30 @@ def test_loader_is_generic_over_dataclass_trees():
     assert cfg.teacher.weight == 2.0 and cfg.methods == ["qskd"]
     with pytest.raises(ConfigError, match="did you mean 'teacher.weight'"):
         from_dict(Distill, {"teacher": {"checkpoint": "t", "wieght": 1}, "data": {"root": "d"}})
+
+
+def test_a_stored_config_with_old_per_term_weights_reads_as_terms():
+    """Runs written before the weights moved to the Distiller stored ``weights: [c, l1, giou]`` (and
+    active sampling's ``*_weight``): read back, they are the same run's ``terms``, so a resume with
+    today's config reports no change; today's config files load with the method options validated."""
+    from detrkd.config import with_predated
+    from detrkd.distill.methods import method_options
+    from detrkd.engine import config_changes
+
+    old = {"model": {"family": "rt_detr"}, "methods": {
+        "kd_detr": {"weight": 1.0, "points": "both", "weights": [1.0, 5.0, 2.0]},
+        "active_sampling": {"weight": 1.0, "sampling_weight": 1.0, "bbox_weight": 5.0, "cls_weight": 1.0},
+        "agfd": {"weight": 50.0}}}
+    new = with_predated(old)
+    assert new["methods"]["kd_detr"] == {"weight": 1.0, "points": "both",
+                                         "terms": {"cls": 1.0, "l1": 5.0, "giou": 2.0}}
+    assert new["methods"]["active_sampling"] == {"weight": 1.0, "terms": {"sampling": 1.0, "l1": 5.0, "cls": 1.0}}
+    assert new["methods"]["agfd"] == {"weight": 50.0} and new["model"]["pixels"] == "imagenet"
+    assert old["methods"]["kd_detr"]["weights"] == [1.0, 5.0, 2.0]  # the input is not modified
+    repo = Path(__file__).resolve().parents[1]  # today's files name the same per-term weights
+    for name in ("kd_detr", "active_sampling"):
+        today = yaml.safe_load((repo / "configs" / f"digits_{name}.yaml").read_text())["methods"]
+        changes = config_changes(with_predated(old)["methods"][name], today[name])
+        assert changes and not [k for k in changes if k.startswith("terms")], (name, changes)
+        options, weights = method_options(name, today[name])
+        assert "terms" not in options and weights.terms == new["methods"][name]["terms"]

@@ -47,10 +47,11 @@ class Pair:
     num_classes: int = 10
 
     def build(self, queries: int, seed: int = 0) -> tuple[DetrAdapter, DetrAdapter]:
+        """(student, teacher) with ``queries`` queries each (the teacher is built first)."""
         torch.manual_seed(seed)
         teacher = build_detector(self.teacher_family, self.teacher_preset, self.num_classes, num_queries=queries)
         student = build_detector(self.student_family, self.student_preset, self.num_classes, num_queries=queries)
-        return teacher, student
+        return student, teacher
 
 
 def method_specs(names: Sequence[str] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
@@ -107,7 +108,7 @@ def fixed_batch(batch_size: int, image_size: int, data: Path | None, num_classes
     return collate([dataset[i] for i in range(batch_size)])
 
 
-def step_fn(teacher: DetrAdapter, student: DetrAdapter, methods: dict[str, dict[str, Any]] | None,
+def step_fn(student: DetrAdapter, teacher: DetrAdapter, methods: dict[str, dict[str, Any]] | None,
             batch: dict[str, Any]) -> Callable[[], dict[str, float]]:
     """A closure running one training step (returns its phase times in seconds).
     ``methods=None``: the student alone; ``{}``: student + teacher forward (the floor)."""
@@ -190,11 +191,11 @@ def run_overhead(pair: Pair, queries: Sequence[int] = (300, 900), methods: Seque
     rows: list[dict[str, Any]] = []
     breakdowns: dict[str, Any] = {}
     for q in queries:
-        teacher, _ = pair.build(q)
+        _, teacher = pair.build(q)
         steps_by_name: dict[str, Callable[[], dict[str, float]]] = {}
         for name, spec in [(STUDENT, None), (FLOOR, {}), *specs.items()]:
-            _, student = pair.build(q, seed=1)
-            steps_by_name[name] = step_fn(teacher, student, spec, batch)
+            student, _ = pair.build(q, seed=1)
+            steps_by_name[name] = step_fn(student, teacher, spec, batch)
         timed = time_round_robin(steps_by_name, steps, warmup)
         for name, times in timed.items():
             log(f"q={q} {name:26s} {statistics.median(times):.3f} s/step")
