@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ..models.base import DetrAdapter, sine_box_embedding
 from .base import DistillContext, DistillMethod
-from .features import check_same_grid, masked_feature_mse, width_and_layer
+from .features import check_same_grid, connector, masked_feature_mse, width_and_layer
 from .query_selection import QuerySelection
 
 MaskKind = Literal["gqs", "all", "positives", "easy_negatives", "none"]
@@ -158,7 +158,7 @@ class AGFD(DistillMethod):
         self.mask, self.threshold, self.giou_weight = mask, float(threshold), giou_weight
         self.batch_norm, self.eps = batch_norm, eps
         self.teacher_width, self.student_width = t_width, s_width
-        self.connector = nn.Linear(s_width, t_width) if s_width != t_width else None
+        self.connector = connector(s_width, t_width)
         self.adapter: EncoderLayerAdapter | None = None
         if adapter:
             heads = math.gcd(t_width, adapter_heads or t_heads or 8)

@@ -1,5 +1,6 @@
 """Feature-level building blocks shared by the feature-distillation methods (AGFD, FitNet): the
-masked, batch-normalised token MSE, the memory width of a model, and the same-grid check.
+masked, batch-normalised token MSE, the memory width of a model, the connector between two widths
+and the same-grid check.
 
 Shapes: encoder memory tokens [B, N, D] (``models.base.EncoderMemory``), token weights [B, N],
 valid (non-padding) tokens [B, N] bool.
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..models.base import DetectorOutput, DetrAdapter
 
@@ -44,6 +45,12 @@ def width_and_layer(model: DetrAdapter | int) -> tuple[int, int | None, int | No
         return model, None, None
     cfg = model.config
     return model.hidden_size, getattr(cfg, "encoder_attention_heads", None), getattr(cfg, "encoder_ffn_dim", None)
+
+
+def connector(student_width: int, teacher_width: int, always: bool = False) -> nn.Linear | None:
+    """The learned Linear student width -> teacher width that brings the student's memory tokens
+    [B, N, D_s] to the teacher's [B, N, D_t]: None when the widths agree (unless ``always``)."""
+    return nn.Linear(student_width, teacher_width) if always or student_width != teacher_width else None
 
 
 def check_same_grid(student_out: DetectorOutput, teacher_out: DetectorOutput, method: str = "AGFD") -> None:

@@ -25,11 +25,12 @@ from __future__ import annotations
 from typing import Literal, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..models.base import DetrAdapter, EncoderMemory
 from .base import DistillContext, DistillMethod
 from .features import check_same_grid, masked_feature_mse, width_and_layer
+from .features import connector as make_connector
 
 
 def level_token_mask(memory: EncoderMemory, levels: Sequence[int]) -> Tensor:
@@ -67,8 +68,7 @@ class FitNet(DistillMethod):
         self.teacher_width, self.student_width = t_width, s_width
         self.levels = levels if levels == "all" else tuple(int(x) for x in levels)
         self.normalise, self.eps = normalise, float(eps)
-        make = connector == "always" or (connector == "auto" and s_width != t_width)
-        self.connector = nn.Linear(s_width, t_width) if make else None
+        self.connector = make_connector(s_width, t_width, always=connector == "always") if connector != "none" else None
 
     def forward(self, ctx: DistillContext) -> dict[str, Tensor]:
         t_mem, s_mem = ctx.teacher_out.memory, ctx.student_out.memory
