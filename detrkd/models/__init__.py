@@ -24,6 +24,9 @@ ADAPTERS: dict[str, str] = {
     "rt_detr": "rt_detr:RTDETRAdapter",
     "rt_detr_v2": "rt_detr:RTDETRv2Adapter",
     "d_fine": "d_fine:DFineAdapter",
+    "deimv2": "deimv2:Deimv2Adapter",
+    "lw_detr": "lw_detr:LwDETRAdapter",
+    "rf_detr": "lw_detr:RFDETRAdapter",
 }
 
 log = logging.getLogger(__name__)
