@@ -25,7 +25,8 @@ GRIDS = {"lw_detr": "one level", "rf_detr": "one level", "deimv2": "three levels
 
 def batch() -> dict:
     g = torch.Generator().manual_seed(1)
-    return {"pixel_values": torch.randn(2, 3, 64, 96, generator=g), "pixel_mask": torch.ones(2, 64, 96, dtype=torch.long),
+    return {"pixel_values": torch.randn(2, 3, 64, 96, generator=g),
+            "pixel_mask": torch.ones(2, 64, 96, dtype=torch.long),
             "labels": [{"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]])},
                        {"class_labels": torch.tensor([2, 3]),
                         "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.2, 0.3]])}]}
