@@ -18,7 +18,9 @@ from .families.conditional_detr import ConditionalDETRAdapter
 from .families.d_fine import DFineAdapter
 from .families.dab_detr import DABDETRAdapter
 from .families.deformable_detr import DeformableDETRAdapter
+from .families.deimv2 import Deimv2Adapter
 from .families.detr import DETRAdapter
+from .families.lw_detr import LwDETRAdapter, RFDETRAdapter
 from .families.rt_detr import RTDETRAdapter, RTDETRv2Adapter
 
 ADAPTERS: dict[str, type[DetrAdapter]] = {
@@ -29,6 +31,9 @@ ADAPTERS: dict[str, type[DetrAdapter]] = {
     "rt_detr": RTDETRAdapter,
     "rt_detr_v2": RTDETRv2Adapter,
     "d_fine": DFineAdapter,
+    "deimv2": Deimv2Adapter,
+    "lw_detr": LwDETRAdapter,
+    "rf_detr": RFDETRAdapter,
 }
 
 log = logging.getLogger(__name__)
