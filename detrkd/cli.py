@@ -513,6 +513,7 @@ def load_for_inference(path: Path, device: str) -> tuple[Any, dict[str, Any] | N
     """(detector in eval mode on ``device``, the run config dict of a .pt checkpoint or None)."""
     from detrkd.checkpoint import load_checkpoint, load_model_entries
     from detrkd.models import detector_from_state, load_detector
+    from detrkd.models.processors import checkpoint_pixels
 
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -523,6 +524,7 @@ def load_for_inference(path: Path, device: str) -> tuple[Any, dict[str, Any] | N
         raise CheckpointError(f"{path} holds no detector (no family / hf_config)")
     model = detector_from_state(state["family"], state["hf_config"])
     load_model_entries(model, state)
+    model.pixels = checkpoint_pixels(state)  # what it was trained on (eval / predict feed it the same)
     return model.to(device).eval(), state.get("config")
 
 

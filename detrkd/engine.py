@@ -850,6 +850,7 @@ def detector_loss(model: nn.Module) -> DetectorLoss:
 def make_detector(config: TrainConfig, num_classes: int, class_names: Sequence[str] | None = None) -> nn.Module:
     """Build the configured detector (random init or ``model.pretrained``), with its ``pixels``."""
     from detrkd.models import build_detector, load_detector
+    from detrkd.models.cnn import build_cnn_detector, is_cnn_family
 
     mcfg = config.model
     if mcfg.pretrained:  # a from_pretrained dir with other classes gets new class heads (load_detector)
@@ -858,6 +859,8 @@ def make_detector(config: TrainConfig, num_classes: int, class_names: Sequence[s
             raise TrainingError(f"model.pretrained {mcfg.pretrained} has {model.num_classes} classes, "
                                 f"the data has {num_classes}: a detrkd checkpoint is loaded as it is; "
                                 f"`detrkd export` it to a directory to start from it with new class heads")
+    elif is_cnn_family(mcfg.family):  # a torchvision CNN student (detrkd.models.cnn)
+        model = build_cnn_detector(mcfg.family, mcfg.preset, num_classes, class_names, **mcfg.overrides)
     else:
         overrides = dict(mcfg.overrides)
         if mcfg.num_queries is not None:
@@ -976,7 +979,10 @@ def check_model_config(model: Any) -> None:
     "did you mean") or values it rejects, ``overrides`` with ``pretrained`` (they would be ignored).
     Builds the HF config only (no weights)."""
     from detrkd.models import adapter_class, preset_size
+    from detrkd.models.cnn import check_cnn_model_config, is_cnn_family
 
+    if is_cnn_family(model.family):
+        return check_cnn_model_config(model)
     if model.num_queries is not None and model.num_queries < 1:
         raise ConfigError(f"model.num_queries must be >= 1 (or null: the preset's), got {model.num_queries}")
     try:

@@ -1,0 +1,67 @@
+"""Seconds per training step (forward + backward + AdamW) and per no-grad detection pass of the
+torchvision CNN students (``detrkd.models.cnn``), batch 8, random 256 px images with 5 boxes each
+(digit-sized: 10-40 % of the side), on ``threads`` threads; the RT-DETR tiny DETR student for scale.
+
+    OMP_NUM_THREADS=1 python benchmarks/cnn_step_time.py 1 256 > benchmarks/results/cnn_step_time.txt
+
+Say in the output's header whether the machine was quiet: with other jobs on the cores every
+number grows (the header line takes a note as the third argument).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from detrkd.models import build_detector
+from detrkd.models.cnn import build_cnn_detector
+
+CASES = [("faster_rcnn", "tiny"), ("faster_rcnn", "small"), ("retinanet", "tiny"), ("retinanet", "small"),
+         ("rt_detr", "tiny")]
+
+
+def batch(size: int, count: int) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]]]:
+    wh = torch.rand(count, 5, 2) * 0.3 + 0.1
+    centre = torch.rand(count, 5, 2) * (1 - wh) + wh / 2
+    labels = [dict(class_labels=torch.randint(0, 10, (5,)), boxes=torch.cat((c, s), -1)) for c, s in zip(centre, wh)]
+    return torch.randn(count, 3, size, size), torch.ones(count, size, size, dtype=torch.long), labels
+
+
+def step_seconds(model: torch.nn.Module, size: int, count: int, steps: int = 4) -> tuple[float, float]:
+    """(fastest train step after one warm-up, one no-grad eval pass) in seconds."""
+    opt = torch.optim.AdamW(model.parameters(), 1e-4)
+    x, mask, labels = batch(size, count)
+    model.train()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        out = model(x, mask, labels=labels)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - start)
+    model.eval()
+    with torch.no_grad():
+        start = time.perf_counter()
+        model(x, mask)
+        infer = time.perf_counter() - start
+    return min(times[1:]), infer
+
+
+def main(threads: int, size: int, note: str = "", count: int = 8) -> None:
+    torch.set_num_threads(threads)
+    print(f"# torch {torch.__version__}, {threads} thread(s), batch {count}, {size}x{size} px. {note}")
+    for family, preset in CASES:
+        torch.manual_seed(0)
+        model = (build_detector(family, preset, 10) if family == "rt_detr"
+                 else build_cnn_detector(family, preset, 10))
+        train, infer = step_seconds(model, size, count)
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        print(f"{family:12s} {preset:6s} params {params:5.2f}M train s/step {train:.2f} "
+              f"(3000 steps: {train * 3000 / 60:.0f} min) eval {infer:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "")
