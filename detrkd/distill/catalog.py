@@ -16,6 +16,8 @@ SUMMARIES: dict[str, str] = {
             "inside each GT group",
     "kd_detr": "KD-DETR: the same general (random) and specific (teacher query) points decoded by both "
                "models, foreground-rebalanced",
+    "kd_detr_hetero": "KD-DETR heterogeneous: a DETR teacher into a torchvision CNN student (faster_rcnn, "
+                      "retinanet) at the student's top-10 anchors per GT, decoded as teacher queries",
     "active_sampling": "matching-free: an attention sampling module samples both models' outputs at the "
                        "teacher's predictions",
     "global_alignment": "baseline, DETRDistill style: all teacher x student predictions Hungarian-matched "
@@ -28,6 +30,7 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "agfd": {"agfd": {"weight": 50.0}},
     "lapd": {"lapd": {"weight": 1.0}},
     "kd_detr": {"kd_detr": {"weight": 1.0}},
+    "kd_detr_hetero": {"kd_detr_hetero": {"weight": 1.0}},
     "active_sampling": {"active_sampling": {"weight": 1.0}},
     "global_alignment": {"global_alignment": {"weight": 1.0}},
     "fitnet": {"fitnet": {"weight": 50.0}},

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import ConfigError, DistillConfig
 from ..models import DetrAdapter, load_detector
+from ..models.cnn import is_cnn_detector
 from .base import DistillMethod, Distiller
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ METHODS: dict[str, str] = {
     "fitnet": "fitnet:FitNet",
     "global_alignment": "global_alignment:GlobalAlignment",
     "kd_detr": "kd_detr:KDDETR",
+    "kd_detr_hetero": "heterogeneous:HeterogeneousKDDETR",
     "lapd": "lapd:LAPD",
 }
 
@@ -40,7 +42,11 @@ def method_class(name: str) -> type[DistillMethod]:
 
 def build_methods(specs: dict[str, dict[str, Any]], teacher: DetrAdapter,
                   student: DetrAdapter) -> tuple[dict[str, DistillMethod], dict[str, float]]:
-    """(methods, weights) from the config's ``methods`` mapping; bad options name the key."""
+    """(methods, weights) from the config's ``methods`` mapping; bad options name the key; methods
+    that do not distil into this kind of student (DETR / torchvision CNN) are one ConfigError."""
+    from .student_kinds import check_student_fits
+
+    check_student_fits({name: method_class(name) for name in specs}, student.family)
     methods, weights = {}, {}
     for name, options in specs.items():
         options = dict(options or {})
@@ -75,6 +81,9 @@ def load_teacher(config: DistillConfig, num_classes: int, class_names: Sequence[
         teacher = load_detector(config.teacher, image_size=config.data.image_size)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise ConfigError(f"teacher {config.teacher} is not a detector detrkd can load: {exc}") from exc
+    if is_cnn_detector(teacher):
+        raise ConfigError(f"teacher {config.teacher} is a torchvision {teacher.family} detector: detrkd distils "
+                          f"from DETR-family teachers")
     if teacher.num_classes != num_classes:
         raise ConfigError(f"teacher {config.teacher} predicts {teacher.num_classes} classes, "
                           f"the data has {num_classes}")
@@ -128,7 +137,10 @@ def build_distill_trainer(config: DistillConfig, resume: bool = False, progress:
     from ..engine import (Trainer, check_run_config, check_run_dir, detector_param_groups, make_datasets,
                           make_detector, make_eval_fn, named_param_groups, setup_runtime)
 
+    from .student_kinds import check_student_fits
+
     check_run_config(config)
+    check_student_fits({name: method_class(name) for name in config.methods}, config.model.family)
     check_run_dir(Path(config.output_dir), resume)
     device = setup_runtime(config)
     data = make_datasets(config)
