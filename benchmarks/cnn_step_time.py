@@ -1,6 +1,8 @@
 """Seconds per training step (forward + backward + AdamW) and per no-grad detection pass of the
 torchvision CNN students (``detrkd.models.cnn``), batch 8, random 256 px images with 5 boxes each
-(digit-sized: 10-40 % of the side), on ``threads`` threads; the RT-DETR tiny DETR student for scale.
+(digit-sized: 10-40 % of the side), on ``threads`` threads; the RT-DETR tiny DETR student for scale;
+and a distillation step of each ``small`` student with ``kd_detr_hetero`` from the shipped digits
+teacher (RT-DETR small, ``detrkd/assets/digits_teacher``).
 
     OMP_NUM_THREADS=1 python benchmarks/cnn_step_time.py 1 256 > benchmarks/results/cnn_step_time.txt
 
@@ -12,12 +14,16 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from detrkd.models import build_detector
+from detrkd.distill.base import Distiller
+from detrkd.distill.train import build_methods
+from detrkd.models import build_detector, load_detector
 from detrkd.models.cnn import build_cnn_detector
 
+SHIPPED_TEACHER = Path(__file__).resolve().parents[1] / "detrkd" / "assets" / "digits_teacher"
 CASES = [("faster_rcnn", "tiny"), ("faster_rcnn", "small"), ("retinanet", "tiny"), ("retinanet", "small"),
          ("rt_detr", "tiny")]
 
@@ -29,8 +35,9 @@ def batch(size: int, count: int) -> tuple[torch.Tensor, torch.Tensor, list[dict[
     return torch.randn(count, 3, size, size), torch.ones(count, size, size, dtype=torch.long), labels
 
 
-def step_seconds(model: torch.nn.Module, size: int, count: int, steps: int = 4) -> tuple[float, float]:
-    """(fastest train step after one warm-up, one no-grad eval pass) in seconds."""
+def step_seconds(model: torch.nn.Module, size: int, count: int, steps: int = 4,
+                 eval_pass: bool = True) -> tuple[float, float]:
+    """(fastest train step after one warm-up, one no-grad eval pass or nan) in seconds."""
     opt = torch.optim.AdamW(model.parameters(), 1e-4)
     x, mask, labels = batch(size, count)
     model.train()
@@ -42,12 +49,33 @@ def step_seconds(model: torch.nn.Module, size: int, count: int, steps: int = 4) 
         out.loss.backward()
         opt.step()
         times.append(time.perf_counter() - start)
+    if not eval_pass:
+        return min(times[1:]), float("nan")
     model.eval()
     with torch.no_grad():
         start = time.perf_counter()
         model(x, mask)
         infer = time.perf_counter() - start
     return min(times[1:]), infer
+
+
+class _Loss(torch.nn.Module):
+    """A Distiller behind the detector call ``step_seconds`` makes (``out.loss``)."""
+
+    def __init__(self, distiller: Distiller):
+        super().__init__()
+        self.distiller = distiller
+
+    def forward(self, x, mask=None, labels=None):
+        loss, _ = self.distiller({"pixel_values": x, "pixel_mask": mask, "labels": labels})
+        return type("Out", (), {"loss": loss})()
+
+
+def distill_seconds(family: str, size: int, count: int) -> float:
+    teacher = load_detector(SHIPPED_TEACHER)
+    student = build_cnn_detector(family, "small", 10)
+    methods, weights = build_methods({"kd_detr_hetero": {}}, teacher, student)
+    return step_seconds(_Loss(Distiller(teacher, student, methods, weights)), size, count, eval_pass=False)[0]
 
 
 def main(threads: int, size: int, note: str = "", count: int = 8) -> None:
@@ -61,6 +89,11 @@ def main(threads: int, size: int, note: str = "", count: int = 8) -> None:
         params = sum(p.numel() for p in model.parameters()) / 1e6
         print(f"{family:12s} {preset:6s} params {params:5.2f}M train s/step {train:.2f} "
               f"(3000 steps: {train * 3000 / 60:.0f} min) eval {infer:.2f}", flush=True)
+    for family in ("faster_rcnn", "retinanet"):
+        torch.manual_seed(0)
+        train = distill_seconds(family, size, count)
+        print(f"{family:12s} small  + kd_detr_hetero from the digits teacher: train s/step {train:.2f} "
+              f"(3000 steps: {train * 3000 / 60:.0f} min)", flush=True)
 
 
 if __name__ == "__main__":

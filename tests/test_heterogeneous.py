@@ -2,7 +2,8 @@
 GT as points, the same boxes decoded by the teacher (normalised, one query alone each), the student's
 predictions there (Faster R-CNN: its RoI head; RetinaNet: its head at the anchor) with classes in
 detrkd's order, zero loss for a teacher that agrees exactly, gradients into the student's backbone
-and none into the teacher, weights, and the methods a CNN student refuses."""
+and none into the teacher, weights, the methods a CNN student refuses; and FitNet on the FPN
+(``fpn_fitnet``) reading the same image places whatever the two input grids."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from detrkd.box_ops import box_iou
 from detrkd.cli import main
 from detrkd.config import ConfigError
 from detrkd.distill.base import DistillContext, Distiller
+from detrkd.distill.fpn_fitnet import FPNFitNet
 from detrkd.distill.heterogeneous import HeterogeneousKDDETR, normalised_cxcywh, teacher_at_points, topk_points
 from detrkd.distill.train import build_methods
 from detrkd.models import build_detector
@@ -231,7 +233,7 @@ def test_methods_that_need_a_detr_student_are_refused_in_one_line(teacher):
     with pytest.raises(ConfigError) as info:
         build_methods({"agfd": {}, "kd_detr": {}, "kd_detr_hetero": {}}, teacher, cnn)
     text = str(info.value)
-    assert "methods ['agfd', 'kd_detr'] need a DETR student" in text and "['kd_detr_hetero']" in text
+    assert "methods ['agfd', 'kd_detr'] need a DETR student" in text and "distils with ['fpn_fitnet', 'kd_detr_hetero']" in text
     assert "\n" not in text
     with pytest.raises(ConfigError, match=r"methods \['kd_detr_hetero'\] need a torchvision CNN student"):
         build_methods({"kd_detr_hetero": {}}, teacher, build_detector("rt_detr", "tiny", C))
@@ -252,3 +254,66 @@ def test_distill_cli_with_a_cnn_student(tmp_path, capsys):
     assert main([*common, "--method", "kd_detr_hetero", "--output-dir", str(tmp_path / "run")]) == 0
     log = (tmp_path / "run" / "metrics.jsonl").read_text()
     assert '"kd_detr_hetero/giou"' in log and '"det/loss"' in log
+
+
+# ---- FitNet on the FPN ---------------------------------------------------------------------------
+def _memory(levels: list[torch.Tensor], padding: list[torch.Tensor] | None = None):
+    """An EncoderMemory of per-level maps [B, D, H, W] (and [B, H, W] padding masks)."""
+    from detrkd.models.base import EncoderMemory
+
+    shapes = torch.tensor([list(f.shape[-2:]) for f in levels])
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
+    tokens = torch.cat([f.flatten(2).transpose(1, 2) for f in levels], 1)
+    pad = (torch.cat([p.flatten(1) for p in padding], 1) if padding is not None
+           else torch.zeros(tokens.shape[:2], dtype=torch.bool))
+    return SimpleNamespace(memory=EncoderMemory(tokens, shapes, starts, pad))
+
+
+def test_fpn_fitnet_reads_the_student_exactly_on_a_shared_grid():
+    student, batch = _student("faster_rcnn"), _batch()
+    out = _forward(student, batch)
+    teacher_out = _memory([out.features["1"].detach(), out.features["2"].detach()])  # strides 8, 16
+    method = FPNFitNet(student.hidden_size, student)
+    assert method.connector is None
+    ctx = DistillContext(student, None, out, teacher_out, batch["labels"])
+    assert method(ctx)["feature"].item() < 1e-10
+    moved = _memory([out.features["1"].detach().roll(1, -1), out.features["2"].detach()])
+    loss = method(DistillContext(student, None, out, moved, batch["labels"]))["feature"]
+    assert loss.item() > 1e-3
+    loss.backward()
+    assert student.model.backbone.body.conv1.weight.grad.abs().sum() > 0
+
+
+def test_fpn_fitnet_compares_the_same_image_places_across_input_sizes():
+    """A student map linear in the image position, sampled for a teacher grid of another size (6 x 6
+    tokens over the image vs the student's 8 x 8 at stride 8) reads the same position's value; the
+    teacher's padding tokens are left out."""
+    def position_map(rows: int, cols: int, h_valid: int, w_valid: int) -> torch.Tensor:
+        v = (torch.arange(rows) + 0.5) / h_valid
+        u = (torch.arange(cols) + 0.5) / w_valid
+        return torch.stack((u[None].expand(rows, -1), v[:, None].expand(-1, cols)))[None]  # [1, 2, rows, cols]
+
+    student_map = position_map(8, 8, 8, 8)  # a 64 px student image at stride 8 (no padding)
+    out = SimpleNamespace(features={"0": torch.zeros(1, 2, 16, 16), "1": student_map.requires_grad_(),
+                                    "2": torch.zeros(1, 2, 4, 4)}, padded_size=(64, 64), image_sizes=[(64, 64)])
+    teacher_map = position_map(7, 7, 6, 6)  # 6 x 6 real tokens, one padded row / column
+    padding = torch.zeros(1, 7, 7, dtype=torch.bool)
+    padding[:, 6], padding[:, :, 6] = True, True
+    teacher_map[..., 6, :], teacher_map[..., :, 6] = 9.0, 9.0  # garbage in the padding
+    method = FPNFitNet(2, 2)
+    ctx = DistillContext(None, None, out, _memory([teacher_map], [padding]), [])
+    assert method(ctx)["feature"].item() < 1e-10
+
+
+def test_fpn_fitnet_builds_from_the_config_with_a_connector(teacher):
+    student = build_cnn_detector("retinanet", "tiny", C)
+    methods, _ = build_methods({"fpn_fitnet": {"weight": 50.0, "levels": [0, -1]}}, teacher, student)
+    method = methods["fpn_fitnet"]
+    assert (method.connector.in_features, method.connector.out_features) == (32, teacher.hidden_size)
+    batch = _batch()
+    with torch.no_grad():
+        t_out = teacher(batch["pixel_values"])
+    loss = method(DistillContext(student, teacher, _forward(student, batch), t_out, batch["labels"]))["feature"]
+    assert torch.isfinite(loss) and loss.item() > 0
+    with pytest.raises(ValueError, match=r"levels \[5\] out of range: the teacher memory has 3 level"):
+        FPNFitNet(teacher, student, levels=[5]).chosen(3)

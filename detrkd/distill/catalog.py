@@ -23,6 +23,8 @@ SUMMARIES: dict[str, str] = {
     "global_alignment": "baseline, DETRDistill style: all teacher x student predictions Hungarian-matched "
                         "per image and layer",
     "fitnet": "baseline: plain feature MSE of the encoder memory (a connector when widths differ)",
+    "fpn_fitnet": "FitNet into a torchvision CNN student: its FPN sampled at the teacher's memory tokens "
+                  "regresses them through a connector",
 }
 
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
@@ -34,6 +36,7 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "active_sampling": {"active_sampling": {"weight": 1.0}},
     "global_alignment": {"global_alignment": {"weight": 1.0}},
     "fitnet": {"fitnet": {"weight": 50.0}},
+    "fpn_fitnet": {"fpn_fitnet": {"weight": 50.0}},
     "none": {},
 }
 RECIPE_SUMMARIES: dict[str, str] = {

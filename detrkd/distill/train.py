@@ -26,6 +26,7 @@ METHODS: dict[str, str] = {
     "active_sampling": "active_sampling:ActiveSampling",
     "agfd": "agfd:AGFD",
     "fitnet": "fitnet:FitNet",
+    "fpn_fitnet": "fpn_fitnet:FPNFitNet",
     "global_alignment": "global_alignment:GlobalAlignment",
     "kd_detr": "kd_detr:KDDETR",
     "kd_detr_hetero": "heterogeneous:HeterogeneousKDDETR",
