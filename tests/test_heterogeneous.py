@@ -200,7 +200,7 @@ def test_weights_multiply_the_unweighted_terms(teacher):
     empty = [{"class_labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}] * 2
     none = _forward(student, {**batch, "labels": empty})
     zero = method(DistillContext(student, teacher, none, t_out, empty))
-    assert all(float(v) == 0.0 and v.requires_grad for v in zero.values())
+    assert all(v.item() == 0.0 and v.requires_grad for v in zero.values())
 
 
 @pytest.mark.parametrize("options, message", [
