@@ -46,18 +46,21 @@ def main() -> None:
     zero = torch.tensor([[0.2, 0.2, 0.2, 0.2]])
     inverted = torch.tensor([[0.4, 0.4, 0.2, 0.2]])
     cases = [
-        ("cxcywh -> xyxy [900]", lambda: box_ops.cxcywh_to_xyxy(cxcywh), lambda: ops.box_convert(cxcywh, "cxcywh", "xyxy")),
+        ("cxcywh -> xyxy [900]", lambda: box_ops.cxcywh_to_xyxy(cxcywh),
+         lambda: ops.box_convert(cxcywh, "cxcywh", "xyxy")),
         ("xyxy -> cxcywh [900]", lambda: box_ops.xyxy_to_cxcywh(a), lambda: ops.box_convert(a, "xyxy", "cxcywh")),
         ("area [900]", lambda: box_ops.box_area(a), lambda: ops.box_area(a)),
         ("IoU 900 x 900", lambda: box_ops.box_iou(a, b), lambda: ops.box_iou(a, b)),
         ("GIoU 900 x 900", lambda: box_ops.generalized_box_iou(a, b), lambda: ops.generalized_box_iou(a, b)),
-        ("GIoU elementwise [900]", lambda: box_ops.elementwise_generalized_box_iou(a, b), lambda: giou_elementwise_tv(a, b)),
+        ("GIoU elementwise [900]", lambda: box_ops.elementwise_generalized_box_iou(a, b),
+         lambda: giou_elementwise_tv(a, b)),
     ]
     print(f"# torch {torch.__version__}, torchvision ops, 1 thread; max |detrkd - torchvision| on valid boxes, "
           f"median ms per call")
     for name, ours, theirs in cases:
         diff = (ours() - theirs()).abs().max().item()
-        print(f"{name:24s} max diff {diff:.1e}   detrkd {median_ms(ours):7.3f} ms   torchvision {median_ms(theirs):7.3f} ms")
+        print(f"{name:24s} max diff {diff:.1e}   detrkd {median_ms(ours):7.3f} ms   "
+              f"torchvision {median_ms(theirs):7.3f} ms")
     print("# degenerate boxes (detrkd's docstring: IoU 0, finite GIoU, never NaN)")
     print(f"IoU zero-area vs itself:        detrkd {box_ops.box_iou(zero, zero).item():.3f}   "
           f"torchvision {ops.box_iou(zero, zero).item():.3f}")

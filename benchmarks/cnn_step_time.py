@@ -23,6 +23,9 @@ from detrkd.distill.train import build_methods
 from detrkd.models import build_detector, load_detector
 from detrkd.models.cnn import build_cnn_detector
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_time import train_step_seconds  # noqa: E402 (the script beside this one)
+
 SHIPPED_TEACHER = Path(__file__).resolve().parents[1] / "detrkd" / "assets" / "digits_teacher"
 CASES = [("faster_rcnn", "tiny"), ("faster_rcnn", "small"), ("retinanet", "tiny"), ("retinanet", "small"),
          ("rt_detr", "tiny")]
@@ -35,28 +38,18 @@ def batch(size: int, count: int) -> tuple[torch.Tensor, torch.Tensor, list[dict[
     return torch.randn(count, 3, size, size), torch.ones(count, size, size, dtype=torch.long), labels
 
 
-def step_seconds(model: torch.nn.Module, size: int, count: int, steps: int = 4,
-                 eval_pass: bool = True) -> tuple[float, float]:
+def step_seconds(model: torch.nn.Module, size: int, count: int, eval_pass: bool = True) -> tuple[float, float]:
     """(fastest train step after one warm-up, one no-grad eval pass or nan) in seconds."""
-    opt = torch.optim.AdamW(model.parameters(), 1e-4)
     x, mask, labels = batch(size, count)
     model.train()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        out = model(x, mask, labels=labels)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - start)
+    train = train_step_seconds(model, torch.optim.AdamW(model.parameters(), 1e-4), x, mask, labels)
     if not eval_pass:
-        return min(times[1:]), float("nan")
+        return train, float("nan")
     model.eval()
     with torch.no_grad():
         start = time.perf_counter()
         model(x, mask)
-        infer = time.perf_counter() - start
-    return min(times[1:]), infer
+        return train, time.perf_counter() - start
 
 
 class _Loss(torch.nn.Module):

@@ -160,10 +160,10 @@ SETTINGS: dict[str, Setting] = {
                      notes="the papers' setting: teacher and student share the RT-DETR small transformer "
                            "(d 128, 1 encoder / 3 decoder layers, 100 queries); backbones ResNet-18-like "
                            "(64-512, 2-2-2-2) -> tiny (16-128, 1-1-1-1)"),
-    "heterogeneous": Setting("heterogeneous", "hetero_", student_sets=("model.family=faster_rcnn", "model.preset=small"),
-                             suites=("heterogeneous",),
-                             notes="KD-DETR Sec. 4.2 on digits: the RT-DETR small teacher -> a torchvision Faster R-CNN "
-                                   "student (ResNet-style 32-256 body, FPN 48, random init; detrkd.models.cnn small)"),
+    "heterogeneous": Setting("heterogeneous", "hetero_", suites=("heterogeneous",),
+                             student_sets=("model.family=faster_rcnn", "model.preset=small"),
+                             notes="KD-DETR Sec. 4.2 on digits: the RT-DETR small teacher -> a torchvision Faster "
+                                   "R-CNN student (ResNet-style 32-256 body, FPN 48, random init; models.cnn small)"),
 }
 
 

@@ -25,11 +25,12 @@ from __future__ import annotations
 from typing import Literal, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..models.base import DetrAdapter, EncoderMemory
-from .base import DistillContext, DistillMethod, check_choice
-from .features import check_same_grid, masked_feature_mse, width_and_layer
+from .base import DistillContext, DistillMethod
+from .features import (check_fitnet_options, check_same_grid, fitnet_connector, masked_feature_mse,
+                       width_and_layer)
 
 
 def level_token_mask(memory: EncoderMemory, levels: Sequence[int]) -> Tensor:
@@ -59,19 +60,11 @@ class FitNet(DistillMethod):
                  connector: Literal["auto", "always", "none"] = "auto",
                  normalise: Literal["none", "batch_norm"] = "none", eps: float = 1e-5):
         super().__init__()
-        check_choice("fitnet", "connector", connector, ("auto", "always", "none"))
-        check_choice("fitnet", "normalise", normalise, ("none", "batch_norm"))
-        if levels != "all" and (isinstance(levels, str) or not all(isinstance(x, int) for x in levels)):
-            raise ValueError(f"fitnet levels must be 'all' or a list of level indices, got {levels!r}")
+        self.levels = check_fitnet_options("fitnet", levels, connector, normalise)
         t_width, s_width = width_and_layer(teacher)[0], width_and_layer(student)[0]
-        if connector == "none" and t_width != s_width:
-            raise ValueError(f"fitnet: the student memory width {s_width} differs from the teacher's {t_width} "
-                             f"and connector is 'none'; use connector: auto (a learned Linear {s_width} -> {t_width})")
+        self.connector = fitnet_connector("fitnet", connector, s_width, t_width)
         self.teacher_width, self.student_width = t_width, s_width
-        self.levels = levels if levels == "all" else tuple(int(x) for x in levels)
         self.normalise, self.eps = normalise, float(eps)
-        make = connector == "always" or (connector == "auto" and s_width != t_width)
-        self.connector = nn.Linear(s_width, t_width) if make else None
 
     def forward(self, ctx: DistillContext) -> dict[str, Tensor]:
         t_mem, s_mem = ctx.teacher_out.memory, ctx.student_out.memory

@@ -30,11 +30,11 @@ from typing import Any, ClassVar, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..models.base import EncoderMemory
-from .base import DistillContext, DistillMethod, check_choice
-from .features import masked_feature_mse, width_and_layer
+from .base import DistillContext, DistillMethod
+from .features import check_fitnet_options, fitnet_connector, masked_feature_mse, width_and_layer
 
 
 def teacher_levels(memory: EncoderMemory) -> list[tuple[Tensor, Tensor, int, int]]:
@@ -91,19 +91,10 @@ class FPNFitNet(DistillMethod):
                  connector: Literal["auto", "always", "none"] = "auto",
                  normalise: Literal["none", "batch_norm"] = "none", eps: float = 1e-5):
         super().__init__()
-        check_choice("fpn_fitnet", "connector", connector, ("auto", "always", "none"))
-        check_choice("fpn_fitnet", "normalise", normalise, ("none", "batch_norm"))
-        if levels != "all" and (isinstance(levels, str) or not all(isinstance(x, int) for x in levels)):
-            raise ValueError(f"fpn_fitnet levels must be 'all' or a list of teacher level indices, got {levels!r}")
-        t_width = width_and_layer(teacher)[0]
-        s_width = student if isinstance(student, int) else student.hidden_size
-        if connector == "none" and t_width != s_width:
-            raise ValueError(f"fpn_fitnet: the student FPN width {s_width} differs from the teacher memory width "
-                             f"{t_width} and connector is 'none'; use connector: auto")
-        self.levels = levels if levels == "all" else tuple(int(x) for x in levels)
+        self.levels = check_fitnet_options("fpn_fitnet", levels, connector, normalise)
+        t_width, s_width = width_and_layer(teacher)[0], width_and_layer(student)[0]  # (a CNN's: its FPN width)
+        self.connector = fitnet_connector("fpn_fitnet", connector, s_width, t_width, what="FPN")
         self.normalise, self.eps = normalise, float(eps)
-        make = connector == "always" or (connector == "auto" and s_width != t_width)
-        self.connector = nn.Linear(s_width, t_width) if make else None
 
     def chosen(self, count: int) -> list[int]:
         if self.levels == "all":

@@ -35,8 +35,8 @@ if TYPE_CHECKING:
 EXPORT_FILE = "torchvision.json"  # what ``detrkd export`` writes for a CNN student (``cnn.export``)
 WEIGHTS_FILE = "model.pt"
 
-__all__ = ["CNN_FAMILIES", "EXPORT_FILE", "WEIGHTS_FILE", "PRESETS", "CnnConfig", "CnnOptions", "build_cnn_detector", "check_cnn_model_config",
-           "cnn_class", "cnn_from_state", "cnn_options", "is_cnn_detector", "is_cnn_family",
+__all__ = ["CNN_FAMILIES", "EXPORT_FILE", "PRESETS", "WEIGHTS_FILE", "CnnConfig", "CnnOptions", "build_cnn_detector",
+           "check_cnn_model_config", "cnn_class", "cnn_from_state", "cnn_options", "is_cnn_detector", "is_cnn_family",
            "is_torchvision_export"]
 
 

@@ -57,7 +57,8 @@ def save_torchvision(detector: CnnDetector, directory: str | Path) -> None:
         "torchvision": {"class": type(detector.model).__name__, "num_classes": detector.num_classes + offset,
                         "label_offset": offset, "background": 0 if offset else None,
                         "labels": {str(k + offset): v for k, v in detector.config.id2label.items()},
-                        "transform": transform_kwargs(detector.pixels), "builder": builder_call(detector, detector.pixels)},
+                        "transform": transform_kwargs(detector.pixels),
+                        "builder": builder_call(detector, detector.pixels)},
         "load": f"from detrkd.models.cnn.export import load_torchvision; model = load_torchvision({str(directory)!r})",
     }
     torch.save(detector.model.state_dict(), directory / WEIGHTS_FILE)
