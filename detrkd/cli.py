@@ -618,6 +618,8 @@ def cmd_analyze_gqs(args: argparse.Namespace) -> int:
     if (args.image_id is not None or args.image is not None or args.gt_index is not None) != (args.figure is not None):
         raise ValueError("a figure needs --figure OUT.png and the image (--image-id ID or --image PATH)")
     model, dataset, data, ann = detector_on_split(args)
+    if getattr(model, "decode", None) is None:  # a torchvision CNN student (detrkd.models.cnn)
+        raise ConfigError(f"analyze gqs reads a DETR's query predictions; {args.checkpoint} is a {model.family} detector")
     if args.figure is not None:
         index = analysis.find_image_index(dataset, args.image_id, args.image)
         summary = analysis.draw_dataset_image(model, dataset, index, args.gt_index, args.figure,

@@ -214,3 +214,33 @@ def _standalone_matches(exported, image, predicted):
     assert [d["label"] for d in predicted] == (det["labels"] - offset).tolist()
     torch.testing.assert_close(torch.tensor([d["box"] for d in predicted]).reshape(-1, 4), det["boxes"],
                                atol=1e-3, rtol=0)
+
+
+def test_a_checkpoint_is_a_pretrained_start_and_keeps_its_pixels(tmp_path):
+    from detrkd.checkpoint import save_checkpoint
+    from detrkd.config import DataConfig, TrainConfig
+    from detrkd.engine import make_detector
+    from detrkd.models.processors import family_pixels
+
+    student = build_cnn_detector("retinanet", "tiny", 5)
+    student.pixels = family_pixels("retinanet", 96)
+    save_checkpoint(tmp_path / "last.pt", model_entries(student))
+    config = TrainConfig(model=ModelConfig("retinanet", pretrained=str(tmp_path / "last.pt")), data=DataConfig("d"))
+    check_model_config(config.model)
+    loaded = make_detector(config, 5)
+    assert loaded.config == student.config and loaded.pixels.size == 96
+    for key, value in student.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key
+    with pytest.raises(ConfigError, match="starts from a detrkd checkpoint"):
+        check_model_config(ModelConfig("retinanet", pretrained=str(tmp_path)))
+
+
+def test_analyze_refuses_a_cnn_checkpoint_in_one_line(capsys, digits, tmp_path):
+    from detrkd.checkpoint import save_checkpoint
+    from detrkd.models.processors import family_pixels
+
+    student = build_cnn_detector("faster_rcnn", "tiny", 10)
+    student.pixels = family_pixels("faster_rcnn", 96)
+    save_checkpoint(tmp_path / "cnn.pt", model_entries(student))
+    assert main(["analyze", "gqs", "--checkpoint", str(tmp_path / "cnn.pt"), "--data", str(digits)]) == 2
+    assert "analyze gqs reads a DETR's query predictions" in capsys.readouterr().err
