@@ -11,12 +11,12 @@ from ..config import ConfigError
 from ..models.cnn import is_cnn_family
 
 
-def student_kind(family: str) -> str:
+def student_kind(family: str | None) -> str:
     """"cnn" for a torchvision CNN family (``models.cnn``), else "detr"."""
     return "cnn" if is_cnn_family(family) else "detr"
 
 
-def check_student_fits(methods: Mapping[str, type], family: str) -> None:
+def check_student_fits(methods: Mapping[str, type], family: str | None) -> None:
     """``ConfigError`` naming the methods (name -> class with ``student_kinds``) that do not distil
     into a student of ``family``, and the ones that do."""
     kind = student_kind(family)

@@ -47,7 +47,7 @@ def build_methods(specs: dict[str, dict[str, Any]], teacher: DetrAdapter,
     that do not distil into this kind of student (DETR / torchvision CNN) are one ConfigError."""
     from .student_kinds import check_student_fits
 
-    check_student_fits({name: method_class(name) for name in specs}, student.family)
+    check_student_fits({name: method_class(name) for name in specs}, getattr(student, "family", None))
     methods, weights = {}, {}
     for name, options in specs.items():
         options = dict(options or {})
