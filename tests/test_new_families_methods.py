@@ -39,7 +39,7 @@ def pair(teacher_family: str, student_family: str):
     return teacher, build_detector(student_family, "tiny", NUM_CLASSES, **small)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(n for n, cls in METHODS.items() if "detr" in cls.student_kinds))
 @pytest.mark.parametrize("teacher_family,student_family", PAIRS)
 def test_one_training_step(method, teacher_family, student_family):
     teacher, student = pair(teacher_family, student_family)

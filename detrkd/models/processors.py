@@ -37,8 +37,9 @@ PROCESSORS = {"detr": "DetrImageProcessor", "conditional_detr": "ConditionalDetr
 
 def _square(family: str) -> bool:
     from detrkd.models import adapter_class
+    from detrkd.models.cnn import is_cnn_family
 
-    return not adapter_class(family).uses_pixel_mask
+    return not is_cnn_family(family) and not adapter_class(family).uses_pixel_mask
 
 
 def imagenet_pixels(family: str, image_size: int) -> Pixels:
@@ -49,9 +50,13 @@ def imagenet_pixels(family: str, image_size: int) -> Pixels:
 
 def family_pixels(family: str, image_size: int) -> Pixels:
     """The rescale / normalisation of the family's transformers default image processor at detrkd's
-    resize of ``image_size``."""
+    resize of ``image_size`` (a torchvision CNN family: its detection transform's, ImageNet mean / std)."""
     import transformers
 
+    from detrkd.models.cnn import is_cnn_family
+
+    if is_cnn_family(family):
+        return imagenet_pixels(family, image_size)
     default = getattr(transformers, PROCESSORS[family])()
     normalise = bool(default.do_normalize)
     return dataclasses.replace(imagenet_pixels(family, image_size),
