@@ -10,6 +10,7 @@ model             the trained model's ``state_dict``; for a ``DetrAdapter`` the 
                   model's (``adapter.model.state_dict()``, loadable by transformers alone)
 family            adapter family name (``detrkd.models.ADAPTERS`` key); None for other modules
 hf_config         the HF config as a plain dict (``config.to_dict()``), to rebuild without the yaml
+                  (a torchvision CNN student: its ``models.cnn.CnnConfig`` dict)
 extra_modules     {name: state_dict} of further trained modules (distillation heads), may be empty
 optimizer         optimizer ``state_dict``
 scheduler         LR scheduler ``state_dict``
@@ -142,9 +143,9 @@ def model_entries(model: torch.nn.Module) -> dict[str, Any]:
     detector adapter or any module."""
     family = getattr(model, "family", None)
     inner = getattr(model, "model", None)
-    if isinstance(family, str) and isinstance(inner, torch.nn.Module) and hasattr(inner, "config"):
+    if isinstance(family, str) and isinstance(inner, torch.nn.Module) and hasattr(model, "config"):
         pixels = getattr(model, "pixels", None)
-        return {"model": inner.state_dict(), "family": family, "hf_config": inner.config.to_dict(),
+        return {"model": inner.state_dict(), "family": family, "hf_config": model.config.to_dict(),
                 "pixels": None if pixels is None else pixels.as_dict()}
     return {"model": model.state_dict(), "family": None, "hf_config": None}
 

@@ -241,7 +241,8 @@ def _add_bench(sub: Any, common: argparse.ArgumentParser) -> None:
     acc.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="run sizes (default cpu)")
     acc.add_argument("--setting", default="compressed", choices=sorted(SETTINGS),
                      help="teacher / student pair: compressed = RT-DETR small -> tiny (default); paper = the "
-                          "papers' setting, the student keeps the teacher's transformer, smaller backbone only")
+                          "papers' setting, the student keeps the teacher's transformer, smaller backbone only; "
+                          "heterogeneous = the same teacher -> a torchvision Faster R-CNN (suite heterogeneous)")
     acc.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="K",
                      help="train every row but the teacher once per seed; rows report the mean (default 0)")
     acc.add_argument("--threads", type=int, help="torch threads of each run started now (default: the configs')")
@@ -567,6 +568,8 @@ def cmd_analyze_gqs(args: argparse.Namespace) -> int:
     if (args.image_id is not None or args.image is not None or args.gt_index is not None) != (args.figure is not None):
         raise ValueError("a figure needs --figure OUT.png and the image (--image-id ID or --image PATH)")
     model, dataset, data, ann = detector_on_split(args)
+    if getattr(model, "decode", None) is None:  # a torchvision CNN student (detrkd.models.cnn)
+        raise ConfigError(f"analyze gqs reads a DETR's query predictions; {args.checkpoint} is a {model.family} detector")
     if args.figure is not None:
         index = analysis.find_image_index(dataset, args.image_id, args.image)
         summary = analysis.draw_dataset_image(model, dataset, index, args.gt_index, args.figure,

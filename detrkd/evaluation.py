@@ -22,7 +22,7 @@ from torch import Tensor
 
 from detrkd.box_ops import cxcywh_to_xyxy, xyxy_to_xywh
 
-__all__ = ["STAT_NAMES", "CocoEvaluator", "evaluate", "postprocess"]
+__all__ = ["STAT_NAMES", "CocoEvaluator", "detections", "evaluate", "postprocess"]
 
 STAT_NAMES: tuple[str, ...] = ("ap", "ap50", "ap75", "aps", "apm", "apl", "ar1", "ar10", "ar100", "ars", "arm", "arl")
 
@@ -83,6 +83,20 @@ def postprocess(
         raise ValueError(f"class_head must be 'softmax' or 'sigmoid', got {class_head!r}")
     picked = xyxy.gather(1, query[..., None].expand(-1, -1, 4))
     return [{"scores": scores[i], "labels": labels[i], "boxes": picked[i]} for i in range(b)]
+
+
+@torch.no_grad()
+def detections(model: torch.nn.Module, pixel_values: Tensor, pixel_mask: Tensor,
+               sizes: Tensor | Sequence[Sequence[int]], top_k: int = 100) -> list[dict[str, Tensor]]:
+    """A detector's per-image detections on a ``collate`` batch, as ``postprocess`` returns them
+    (boxes scaled to ``sizes`` [B, 2] (h, w)): a DETR adapter's final layer through ``postprocess``;
+    a model with its own ``detect`` (the torchvision CNN students: their score threshold and NMS)
+    through that."""
+    detect = getattr(model, "detect", None)
+    if callable(detect):
+        return detect(pixel_values, pixel_mask, sizes)
+    out = model(pixel_values, pixel_mask)
+    return postprocess(out.predictions.logits[-1], out.predictions.boxes[-1], sizes, out.class_head, top_k)
 
 
 # ---- COCO evaluation ------------------------------------------------------------------------------
@@ -288,8 +302,7 @@ def _detect(model: torch.nn.Module, loader: Iterable[dict[str, Any]], evaluator:
                 orig_sizes = torch.stack([t["orig_size"] for t in labels]).to(device)
                 _sync(device)
                 start = time.perf_counter()
-                out = model(pixel_values, pixel_mask)
-                results = postprocess(out.predictions.logits[-1], out.predictions.boxes[-1], orig_sizes, out.class_head, top_k)
+                results = detections(model, pixel_values, pixel_mask, orig_sizes, top_k)
                 _sync(device)
                 seconds += time.perf_counter() - start
                 evaluator.update([int(t["image_id"]) for t in labels], results)

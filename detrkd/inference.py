@@ -29,7 +29,7 @@ def predict_image(model: Any, image: Any, image_size: int | None, device: str, t
 
     from detrkd.data.collate import collate
     from detrkd.data.transforms import pixel_transforms
-    from detrkd.evaluation import postprocess
+    from detrkd.evaluation import detections
     from detrkd.models.processors import inference_pixels
 
     transforms = pixel_transforms("val", inference_pixels(model, image_size))
@@ -37,10 +37,7 @@ def predict_image(model: Any, image: Any, image_size: int | None, device: str, t
     target = {"boxes": torch.zeros(0, 4), "class_labels": torch.zeros(0, dtype=torch.long),
               "image_id": 0, "orig_size": hw, "size": hw.clone()}
     batch = collate([transforms(image, target)])
-    with torch.no_grad():
-        out = model(batch["pixel_values"].to(device), batch["pixel_mask"].to(device))
-        result = postprocess(out.predictions.logits[-1], out.predictions.boxes[-1], hw[None].to(device),
-                             out.class_head)[0]
+    result = detections(model, batch["pixel_values"].to(device), batch["pixel_mask"].to(device), hw[None].to(device))[0]
     keep = result["scores"] >= threshold
     return [{"label": int(label), "score": float(score), "box": [float(v) for v in box]}
             for label, score, box in zip(result["labels"][keep], result["scores"][keep], result["boxes"][keep])]
@@ -106,6 +103,7 @@ def load_for_inference(path: Path, device: str) -> tuple[Any, dict[str, Any] | N
     """(detector in eval mode on ``device``, the run config dict of a .pt checkpoint or None)."""
     from detrkd.checkpoint import load_checkpoint, load_model_entries
     from detrkd.models import detector_from_state, load_detector
+    from detrkd.models.processors import checkpoint_pixels
 
     path = Path(path)
     if not path.exists():
@@ -117,6 +115,7 @@ def load_for_inference(path: Path, device: str) -> tuple[Any, dict[str, Any] | N
         raise CheckpointError(f"{path} holds no detector (no family / hf_config)")
     model = detector_from_state(state["family"], state["hf_config"])
     load_model_entries(model, state)
+    model.pixels = checkpoint_pixels(state)  # what it was trained on (eval / predict feed it the same)
     return model.to(device).eval(), state.get("config")
 
 

@@ -28,7 +28,7 @@ from detrkd.data.coco import CocoDetection
 from detrkd.data.collate import collate
 from detrkd.data.transforms import pixel_transforms
 from detrkd.distill.base import DistillMethod, Distiller
-from detrkd.distill.methods import METHODS, build_methods, method_class, method_options
+from detrkd.distill.methods import METHODS, build_methods, check_student_fits, method_class, method_options
 from detrkd.distributed import detection_loss, local_device, shard, world
 from detrkd.engine import (Batch, EvalFn, Trainer, check_run_dir, detector_param_groups, named_param_groups,
                            setup_runtime)
@@ -36,6 +36,7 @@ from detrkd.errors import TrainingError
 from detrkd.evaluation import evaluate
 from detrkd.models import (DetrAdapter, adapter_class, build_detector, family_of_pretrained_dir, load_detector,
                            preset_size)
+from detrkd.models.cnn import build_cnn_detector, check_cnn_model_config, is_cnn_detector, is_cnn_family
 from detrkd.models.processors import checkpoint_pixels, dir_pixels, family_pixels, imagenet_pixels
 from detrkd.models.relabel import align_classes
 
@@ -71,6 +72,8 @@ def make_detector(config: TrainConfig, num_classes: int, class_names: Sequence[s
             raise TrainingError(f"model.pretrained {mcfg.pretrained} has {model.num_classes} classes, "
                                 f"the data has {num_classes}: a detrkd checkpoint is loaded as it is; "
                                 f"`detrkd export` it to a directory to start from it with new class heads")
+    elif is_cnn_family(mcfg.family):  # a torchvision CNN student (detrkd.models.cnn)
+        model = build_cnn_detector(mcfg.family, mcfg.preset, num_classes, class_names, **mcfg.overrides)
     else:
         overrides = dict(mcfg.overrides)
         if mcfg.num_queries is not None:
@@ -176,6 +179,8 @@ def check_model_config(model: Any) -> None:
     backbone, a query count < 1, ``overrides`` keys the family's HF config does not have (with a
     "did you mean") or values it rejects, ``overrides`` with ``pretrained`` (they would be ignored).
     Builds the HF config only (no weights)."""
+    if is_cnn_family(model.family):
+        return check_cnn_model_config(model)
     if model.num_queries is not None and model.num_queries < 1:
         raise ConfigError(f"model.num_queries must be >= 1 (or null: the preset's), got {model.num_queries}")
     try:
@@ -251,6 +256,9 @@ def load_teacher(config: DistillConfig, num_classes: int, class_names: Sequence[
         teacher = load_detector(config.teacher, image_size=config.data.image_size)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise ConfigError(f"teacher {config.teacher} is not a detector detrkd can load: {exc}") from exc
+    if is_cnn_detector(teacher):
+        raise ConfigError(f"teacher {config.teacher} is a torchvision {teacher.family} detector: detrkd distils "
+                          f"from DETR-family teachers")
     if teacher.num_classes != num_classes:
         raise ConfigError(f"teacher {config.teacher} predicts {teacher.num_classes} classes, "
                           f"the data has {num_classes}")
@@ -295,11 +303,12 @@ def _named(model: DetrAdapter) -> bool:
 
 
 def check_distill_config(config: DistillConfig) -> None:
-    """``check_run_config`` plus every method's section (names, options, weights): ``ConfigError``
-    before any data, teacher or weights are loaded."""
+    """``check_run_config`` plus every method's section (names, options, weights, the kind of student
+    it distils into): ``ConfigError`` before any data, teacher or weights are loaded."""
     check_run_config(config)
     for name, section in config.methods.items():
         method_options(name, section)
+    check_student_fits(config.methods, config.model.family)
 
 
 def build_distill_trainer(config: DistillConfig, resume: bool = False, progress: bool = True) -> Trainer:

@@ -15,7 +15,8 @@ from detrkd.models.base import PRESETS
 from detrkd.models.families.d_fine import DFineAdapter
 from detrkd.models.families.rt_detr import RTDETRAdapter, RTDETRv2Adapter, box_content
 
-FAMILIES = ["rt_detr", "rt_detr_v2", "d_fine"]
+FAMILIES = ["rt_detr", "rt_detr_v2", "d_fine", "deimv2"]
+FDR = ("d_fine", "deimv2")  # D-FINE's decoder (DEIMv2 has it too)
 NUM_CLASSES = 5
 
 
@@ -43,6 +44,12 @@ def make(family: str, calibrate: bool = True, **overrides) -> torch.nn.Module:
         for m in norms:
             m.momentum = 0.1
     return adapter.eval()
+
+
+def _backbone(adapter) -> torch.nn.Module:
+    """The HF backbone wrapper (DEIMv2 calls it ``conv_encoder``)."""
+    core = adapter.model.model
+    return core.conv_encoder if adapter.family == "deimv2" else core.backbone
 
 
 def images(batch: int = 2, h: int = 64, w: int = 96) -> torch.Tensor:
@@ -83,7 +90,7 @@ def test_config_maps_preset(family):
     assert cfg.d_model == size.d_model and cfg.decoder_layers == size.decoder_layers
     assert cfg.num_queries == size.queries and cfg.decoder_attention_heads == size.heads
     assert cfg.decoder_ffn_dim == size.ffn and cfg.encoder_ffn_dim == size.ffn
-    assert list(cfg.encoder_in_channels) == list(adapter.model.model.backbone.intermediate_channel_sizes)
+    assert list(cfg.encoder_in_channels) == list(_backbone(adapter).intermediate_channel_sizes)
     assert list(cfg.decoder_in_channels) == [cfg.encoder_hidden_dim] * 3
     assert adapter.num_classes == NUM_CLASSES and adapter.hidden_size == size.d_model
     overridden = make(family, num_queries=12, decoder_layers=3)
@@ -107,7 +114,7 @@ def test_backbone_trainable(family):
     adapter = make(family)
     params = list(adapter.backbone_parameters())
     assert params and all(p.requires_grad for p in params)
-    assert not any("Frozen" in type(m).__name__ for m in adapter.model.model.backbone.modules())
+    assert not any("Frozen" in type(m).__name__ for m in _backbone(adapter).modules())
     adapter.train()
     out = adapter(images(), labels=labels())
     assert torch.isfinite(out.loss)
@@ -130,7 +137,7 @@ def test_wrong_model_type():
 def test_unsupported_configs_rejected(family):
     with pytest.raises(ValueError, match="learn_initial_query"):
         make(family, learn_initial_query=True)
-    if family == "d_fine":
+    if family in FDR:
         with pytest.raises(ValueError, match="eval_idx"):
             make(family, eval_idx=0)
 
@@ -151,7 +158,7 @@ def test_predictions_match_hf_eval(family):
     assert out.denoising is None and out.loss is None
     assert (out.predictions.logits[-1] - hf.logits).abs().max() < 1e-5
     assert (out.predictions.boxes[-1] - hf.pred_boxes).abs().max() < 1e-5
-    if family != "d_fine":  # D-FINE's eval outputs only hold the last layer
+    if family not in FDR:  # D-FINE's (and DEIMv2's) eval outputs only hold the last layer
         logits, boxes = hf_layers(adapter, hf, 0)
         assert torch.allclose(out.predictions.logits, logits, atol=1e-5)
         assert torch.allclose(out.predictions.boxes, boxes, atol=1e-5)
@@ -311,7 +318,7 @@ def test_decode_gradients_reach_encoder(family):
     pred = adapter.decode(out, random_boxes(2, 6))
     assert pred.logits.shape == (adapter.num_decoder_layers, 2, 6, NUM_CLASSES)
     assert pred.boxes.shape == (adapter.num_decoder_layers, 2, 6, 4)
-    assert ((pred.boxes >= 0) & (pred.boxes <= 1)).all() or family == "d_fine"
+    assert ((pred.boxes >= 0) & (pred.boxes <= 1)).all() or family in FDR
     (pred.logits.sum() + pred.boxes.sum()).backward()
     encoder = list(adapter.model.model.encoder.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder)
@@ -366,6 +373,7 @@ ATTENTION_VARIANTS = [
     ("d_fine", {}),
     ("d_fine", {"decoder_n_points": [2, 4, 3]}),
     ("d_fine", {"decoder_method": "discrete"}),
+    ("deimv2", {}),
 ]
 
 
@@ -453,6 +461,6 @@ def test_save_load_roundtrip(family, tmp_path):
     assert torch.allclose(a.predictions.logits, b.predictions.logits, atol=1e-5)
     assert torch.allclose(a.predictions.boxes, b.predictions.boxes, atol=1e-5)
     assert all(p.requires_grad for p in loaded.backbone_parameters())
-    if family == "d_fine":  # FDR constants stay constant
+    if family in FDR:  # FDR constants stay constant
         decoder = loaded.model.model.decoder
         assert not decoder.up.requires_grad and not decoder.reg_scale.requires_grad

@@ -13,6 +13,7 @@ from detrkd.cli import main
 from detrkd.config import DistillConfig, load_config
 from detrkd.distill.methods import build_methods
 from detrkd.models import build_detector
+from detrkd.models.cnn import CNN_FAMILIES, build_cnn_detector
 from detrkd.provenance import git_sha
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +32,8 @@ def test_every_row_is_a_valid_run(name, monkeypatch):
     config = load_config(row.config, row.sets, schema=DistillConfig)
     assert config.methods, name
     teacher, student = (build_detector("rt_detr", p, 10) for p in ("small", "tiny"))
+    if config.model.family in CNN_FAMILIES:  # the heterogeneous rows: a torchvision CNN student
+        student = build_cnn_detector(config.model.family, config.model.preset, 10)
     methods, _ = build_methods(config.methods, student, teacher)
     assert set(methods) == set(config.methods)
 

@@ -73,7 +73,7 @@ def test_export_with_run_files_ships_what_the_run_was_trained_with(run, tmp_path
     assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o666 & ~umask}
 
 @pytest.mark.parametrize("family", ["detr", "conditional_detr", "dab_detr", "deformable_detr", "rt_detr",
-                                    "rt_detr_v2", "d_fine"])
+                                    "rt_detr_v2", "d_fine", "deimv2", "lw_detr", "rf_detr"])
 def test_a_saved_detector_loads_in_transformers_without_missing_or_unexpected_keys(tmp_path, family):
     """DETR-style backbones train a thawed BatchNorm (its num_batches_tracked is not in HF's frozen
     one): save_detector leaves those out, so transformers reports nothing."""
@@ -86,7 +86,8 @@ def test_a_saved_detector_loads_in_transformers_without_missing_or_unexpected_ke
     assert {k: list(v) for k, v in info.items() if v} == {}
 
 
-@pytest.mark.parametrize("family,preset", [("rt_detr", "tiny"), ("detr", "tiny")])
+@pytest.mark.parametrize("family,preset", [("rt_detr", "tiny"), ("detr", "tiny"), ("deimv2", "tiny"), ("lw_detr", "tiny"),
+                                           ("rf_detr", "tiny")])
 def test_an_exported_student_works_in_a_transformers_pipeline_as_in_detrkd_predict(tmp_path, digits, capsys,
                                                                                   family, preset):
     """The export's image processor feeds the model what detrkd fed it: the pipeline's top

@@ -19,6 +19,8 @@ from detrkd.models import build_detector, load_detector, save_detector
 from detrkd.models.processors import PROCESSORS, family_pixels, imagenet_pixels
 
 FAMILIES = sorted(PROCESSORS)
+SQUARE = ("rt_detr", "rt_detr_v2", "d_fine", "deimv2")  # transformers: a fixed square size, no padding
+RESIZED_WITHOUT_ANTIALIAS = ("rf_detr",)
 LEVEL = 1 / 255 / min(IMAGENET_STD) + 1e-6  # one uint8 intensity level, after normalisation
 
 
@@ -28,10 +30,10 @@ def _target(h: int, w: int) -> dict:
             "image_id": 0, "orig_size": hw, "size": hw.clone()}
 
 
-def _images() -> list[Image.Image]:
+def _images(sizes: tuple[tuple[int, int], ...] = ((90, 132), (120, 72))) -> list[Image.Image]:
     rng = np.random.default_rng(0)
-    smooth = [np.kron(rng.integers(0, 255, (h // 6, w // 6, 3)), np.ones((6, 6, 1))).astype(np.uint8)
-              for h, w in ((90, 132), (120, 72))]
+    smooth = [np.kron(rng.integers(0, 255, (-(-h // 6), -(-w // 6), 3)), np.ones((6, 6, 1)))[:h, :w].astype(np.uint8)
+              for h, w in sizes]
     return [Image.fromarray(a) for a in smooth]
 
 
@@ -39,7 +41,7 @@ def _their_processor(family: str):
     import transformers
 
     cls = getattr(transformers, PROCESSORS[family])
-    if family in ("rt_detr", "rt_detr_v2", "d_fine"):
+    if family in SQUARE:
         return cls(size={"height": 64, "width": 64})
     return cls(size={"shortest_edge": 64, "longest_edge": 107})
 
@@ -56,8 +58,11 @@ def test_a_saved_directory_is_fed_what_its_own_image_processor_makes(family, tmp
     model = load_detector(tmp_path)
     assert model.pixels.mean is None if not processor.do_normalize else model.pixels.mean is not None
     transforms = pixel_transforms("val", model.pixels)
-    ours = collate([transforms(img, _target(img.height, img.width)) for img in _images()], pad_to_multiple=None)
-    theirs = processor(images=_images(), return_tensors="pt")
+    # RF-DETR's processor resizes without antialiasing (its _preprocess passes antialias=False),
+    # detrkd with it for every family: compared on images already at the processor's size
+    images = _images(((64, 100), (104, 64))) if family in RESIZED_WITHOUT_ANTIALIAS else _images()
+    ours = collate([transforms(img, _target(img.height, img.width)) for img in images], pad_to_multiple=None)
+    theirs = processor(images=images, return_tensors="pt")
     assert ours["pixel_values"].shape == theirs["pixel_values"].shape
     diff = (ours["pixel_values"] - theirs["pixel_values"]).abs()
     assert diff.max() <= LEVEL and diff.mean() < LEVEL / 4
@@ -73,7 +78,7 @@ def test_a_preset_gets_its_familys_transformers_default(family):
     pixels = family_pixels(family, 128)
     assert (pixels.mean is not None) == bool(default.do_normalize)
     assert pixels.rescale == pytest.approx(default.rescale_factor)
-    assert pixels.size == 128 and pixels.square == (family in ("rt_detr", "rt_detr_v2", "d_fine"))
+    assert pixels.size == 128 and pixels.square == (family in SQUARE)
 
 
 def test_imagenet_pixels_are_detrkds_old_pipeline_bit_for_bit():

@@ -214,14 +214,19 @@ def _hf_matcher(model):
     from transformers.loss.loss_rt_detr import RTDetrHungarianMatcher
 
     cfg = model.config
-    if model.family in ("rt_detr", "rt_detr_v2", "d_fine"):
+    if model.family in ("rt_detr", "rt_detr_v2", "d_fine", "deimv2"):
         return RTDetrHungarianMatcher(cfg)
+    if model.family in ("lw_detr", "rf_detr"):  # one Group-DETR group: what the view's predictions are
+        from transformers.loss.loss_lw_detr import LwDetrHungarianMatcher
+
+        matcher = LwDetrHungarianMatcher(class_cost=cfg.class_cost, bbox_cost=cfg.bbox_cost, giou_cost=cfg.giou_cost)
+        return lambda outputs, targets: matcher(outputs, targets, group_detr=1)
     cls = HungarianMatcher if model.family == "detr" else DeformableDetrHungarianMatcher
     return cls(class_cost=cfg.class_cost, bbox_cost=cfg.bbox_cost, giou_cost=cfg.giou_cost)
 
 
 @pytest.mark.parametrize("family", ["detr", "conditional_detr", "dab_detr", "deformable_detr", "rt_detr",
-                                    "rt_detr_v2", "d_fine"])
+                                    "rt_detr_v2", "d_fine", "deimv2", "lw_detr", "rf_detr"])
 def test_gqs_positives_are_the_matches_of_the_models_own_matcher(family):
     """DistillContext.selection (what AGFD, LAPD and KD-DETR's Table 1 pairs use) picks the
     positives transformers' matcher of that model picks, with the model's config costs (RT-DETR:

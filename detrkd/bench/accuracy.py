@@ -12,6 +12,9 @@ mapping. A *suite* is a list of rows written to one result file:
                      mean-normalised terms (normalise: mean)
     active_sampling  active sampling, its temperature sweep and  -> active_sampling.json
                      confidence-weighted points (rebalance)
+    heterogeneous    KD-DETR heterogeneous (Sec. 4.2) and FitNet   -> heterogeneous.json
+                     on the FPN into a torchvision Faster R-CNN
+                     student (``--setting heterogeneous`` only)
 
 Rows are shared between suites (one run directory per row, setting, preset and seed:
 ``runs/[paper_]<preset prefix>_<row>[_seed<K>]``), finished runs are reused and interrupted ones
@@ -20,7 +23,9 @@ resumed, so suites can be run in any order, in pieces (``--only``), and in the b
 A *setting* says which teacher / student pair a suite distils (``SETTINGS``): ``compressed`` is the
 configs as committed (RT-DETR small -> tiny: the student has a 64-wide, 2-layer, 30-query decoder),
 ``paper`` the papers' setting (the student keeps the teacher's transformer exactly and has a smaller
-backbone only). Each setting writes its own result files (``paper``: under ``results/paper/``).
+backbone only), ``heterogeneous`` the same teacher into a CNN student (``models.cnn``; only for the
+suite of that name, whose methods need a CNN student). Each setting writes its own result files
+(``paper``: under ``results/paper/``); a setting that keeps the committed teacher shares its run.
 A *preset* sizes the runs for the hardware: ``cpu`` is the configs as committed (the bundled digits
 data, 12 epochs), ``gpu`` a larger teacher / student on a larger digits set. *Seeds*: every row but
 the teacher (seed 0, shared) is trained once per seed; a result row reports the mean over the seeds
@@ -53,7 +58,8 @@ class Row:
     command: str = "distill"
 
 
-QSKD, KD_DETR, ACTIVE_SAMPLING = (Path(f"configs/digits_{m}.yaml") for m in ("qskd", "kd_detr", "active_sampling"))
+QSKD, KD_DETR, ACTIVE_SAMPLING, CNN_KD_DETR = (Path(f"configs/digits_{m}.yaml")
+                                               for m in ("qskd", "kd_detr", "active_sampling", "cnn_kd_detr"))
 ROWS: dict[str, Row] = {
     "teacher": Row(TEACHER_CONFIG, command="train"),
     "no_kd": Row(STUDENT_CONFIG, command="train"),
@@ -74,6 +80,9 @@ ROWS: dict[str, Row] = {
     "active_sampling_rebalance": Row(ACTIVE_SAMPLING, ("methods.active_sampling.rebalance=true",)),
     "global_alignment": Row(Path("configs/digits_global_alignment.yaml")),
     "fitnet": Row(Path("configs/digits_fitnet.yaml")),
+    # heterogeneous (a CNN student): KD-DETR Sec. 4.2, and FitNet from the memory into the FPN
+    "kd_detr_hetero": Row(CNN_KD_DETR),
+    "fpn_fitnet": Row(CNN_KD_DETR, ('methods={"fpn_fitnet": {"weight": 50.0}}',)),
 }
 
 SUITES: dict[str, tuple[str, ...]] = {
@@ -82,6 +91,7 @@ SUITES: dict[str, tuple[str, ...]] = {
     "kd_detr": ("kd_detr", "kd_detr_general", "kd_detr_specific", "kd_detr_no_rebalance", "kd_detr_mean"),
     "active_sampling": ("active_sampling", "active_sampling_t1", "active_sampling_t2", "active_sampling_t8",
                         "active_sampling_rebalance"),
+    "heterogeneous": ("kd_detr_hetero", "fpn_fitnet"),
 }
 RESULT_FILES = {"all": "accuracy.json"}
 
@@ -139,6 +149,7 @@ class Setting:
     teacher_sets: tuple[str, ...] = ()
     student_sets: tuple[str, ...] = ()
     notes: str = ""
+    suites: tuple[str, ...] | None = None  # the only suites it runs (None: every suite no setting claims)
 
 
 SETTINGS: dict[str, Setting] = {
@@ -149,7 +160,21 @@ SETTINGS: dict[str, Setting] = {
                      notes="the papers' setting: teacher and student share the RT-DETR small transformer "
                            "(d 128, 1 encoder / 3 decoder layers, 100 queries); backbones ResNet-18-like "
                            "(64-512, 2-2-2-2) -> tiny (16-128, 1-1-1-1)"),
+    "heterogeneous": Setting("heterogeneous", "hetero_", suites=("heterogeneous",),
+                             student_sets=("model.family=faster_rcnn", "model.preset=small"),
+                             notes="KD-DETR Sec. 4.2 on digits: the RT-DETR small teacher -> a torchvision Faster "
+                                   "R-CNN student (ResNet-style 32-256 body, FPN 48, random init; models.cnn small)"),
 }
+
+
+def check_setting(suite: str, setting: Setting) -> None:
+    """``ValueError`` for a suite the setting does not run (a CNN student's suite and the DETR ones)."""
+    claimed = {name: s.name for s in SETTINGS.values() for name in s.suites or ()}
+    owner = claimed.get(suite)
+    if owner is not None and owner != setting.name:
+        raise ValueError(f"suite {suite!r} runs under --setting {owner} only")
+    if setting.suites is not None and suite not in setting.suites:
+        raise ValueError(f"--setting {setting.name} runs the suite(s) {list(setting.suites)} only, not {suite!r}")
 
 
 @dataclass
@@ -177,7 +202,9 @@ class Suite:
     def run_dir(self, row: str, seed: int = 0) -> Path:
         legacy = {"teacher": "teacher", "no_kd": "student"}  # the baseline's directory names
         suffix = f"_seed{seed}" if seed else ""
-        return Path("runs") / f"{self.setting.prefix}{self.preset.prefix}_{legacy.get(row, row)}{suffix}"
+        shared = row == "teacher" and not self.setting.teacher_sets  # the committed teacher: one run for all
+        prefix = "" if shared else self.setting.prefix
+        return Path("runs") / f"{prefix}{self.preset.prefix}_{legacy.get(row, row)}{suffix}"
 
     def row_seeds(self, row: str) -> Sequence[int]:
         return (0,) if row == "teacher" else self.seeds
@@ -280,6 +307,7 @@ def run_suite(name: str, preset: str | Preset = "cpu", only: Sequence[str] | Non
     if unknown:
         raise ValueError(f"--only: {unknown} are not rows of suite {name!r}; its rows: {rows}")
     setting = SETTINGS[setting] if isinstance(setting, str) else setting
+    check_setting(name, setting)
     preset = PRESETS[preset] if isinstance(preset, str) else preset
     out = out or results_dir / setting.results / preset.results / RESULT_FILES.get(name, f"{name}.json")
     suite = Suite(name, preset, rows, out, setting, tuple(sorted(set(seeds))), threads, only)

@@ -87,6 +87,8 @@ class DistillMethod(nn.Module):
     needs_student_attention: ClassVar[bool] = False
     # compares the two encoder memories token by token: both models must see the same input grid
     compares_memory: ClassVar[bool] = False
+    # the students it distils into: "detr" (a DetrAdapter), "cnn" (a torchvision CNN, models.cnn)
+    student_kinds: ClassVar[tuple[str, ...]] = ("detr",)
 
     def forward(self, ctx: DistillContext) -> dict[str, Tensor]:  # pragma: no cover - interface
         raise NotImplementedError

@@ -16,11 +16,15 @@ SUMMARIES: dict[str, str] = {
             "inside each GT group",
     "kd_detr": "KD-DETR: the same general (random) and specific (teacher query) points decoded by both "
                "models, foreground-rebalanced",
+    "kd_detr_hetero": "KD-DETR heterogeneous: a DETR teacher into a torchvision CNN student (faster_rcnn, "
+                      "retinanet) at the student's top-10 anchors per GT, decoded as teacher queries",
     "active_sampling": "matching-free: an attention sampling module samples both models' outputs at the "
                        "teacher's predictions",
     "global_alignment": "baseline, DETRDistill style: all teacher x student predictions Hungarian-matched "
                         "per image and layer",
     "fitnet": "baseline: plain feature MSE of the encoder memory (a connector when widths differ)",
+    "fpn_fitnet": "FitNet into a torchvision CNN student: its FPN sampled at the teacher's memory tokens "
+                  "regresses them through a connector",
 }
 
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
@@ -28,9 +32,11 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "agfd": {"agfd": {"weight": 50.0}},
     "lapd": {"lapd": {"weight": 1.0}},
     "kd_detr": {"kd_detr": {"weight": 1.0}},
+    "kd_detr_hetero": {"kd_detr_hetero": {"weight": 1.0}},
     "active_sampling": {"active_sampling": {"weight": 1.0}},
     "global_alignment": {"global_alignment": {"weight": 1.0}},
     "fitnet": {"fitnet": {"weight": 50.0}},
+    "fpn_fitnet": {"fpn_fitnet": {"weight": 50.0}},
     "none": {},
 }
 RECIPE_SUMMARIES: dict[str, str] = {

@@ -72,9 +72,9 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from ..box_ops import xyxy_to_cxcywh
-from ..models.base import ClassHead, DetectorOutput, DetrAdapter, Predictions
+from ..models.base import DetectorOutput, DetrAdapter, Predictions
 from .base import DistillContext, DistillMethod
-from .losses import ClassKD, box_l1_giou, class_kd, foreground_weight, pair_losses
+from .losses import Aligned, ClassKD, aligned_losses
 from .pairing import Alignment, gather_flat, layer_pairs
 
 PointKind = Literal["general", "specific", "both", "inconsistent", "similar_foreground", "similar_general"]
@@ -94,15 +94,6 @@ class PointGroup(NamedTuple):
     boxes: Tensor
     student: Predictions
     teacher: Predictions
-
-
-class Aligned(NamedTuple):
-    """P aligned pairs: student logits [P, Ks], boxes [P, 4]; teacher logits [P, Kt], boxes [P, 4]."""
-
-    student_logits: Tensor
-    student_boxes: Tensor
-    teacher_logits: Tensor
-    teacher_boxes: Tensor
 
 
 # ---- points ----------------------------------------------------------------------------------------
@@ -190,25 +181,6 @@ def unmatched_mean(x: Tensor, positive: Tensor) -> tuple[Tensor, Tensor]:
 
 
 # ---- loss ------------------------------------------------------------------------------------------
-
-
-def aligned_losses(pairs: Aligned, heads: tuple[ClassHead, ClassHead], mode: ClassKD = "kl",
-                   temperature: float = 10.0, rebalance: bool = True, normalise: str = "official") -> dict[str, Tensor]:
-    """Unweighted {"cls", "l1", "giou"} of P aligned pairs; heads = (student, teacher).
-
-    Module docstring: the weight w_i and the two normalisations.
-    """
-    s_logits, s_boxes, t_logits, t_boxes = pairs
-    student_head, teacher_head = heads
-    w = foreground_weight(t_logits, teacher_head) if rebalance else t_logits.new_ones(t_logits.shape[0])
-    if normalise == "mean":
-        return pair_losses(s_logits, s_boxes, t_logits, t_boxes, student_head, teacher_head, mode,
-                           temperature, pair_weight=w, normaliser=w.sum())
-    num_classes = t_logits.shape[-1] - (teacher_head == "softmax")
-    cls = class_kd(s_logits, t_logits, student_head, teacher_head, mode, temperature) / num_classes
-    l1, giou = box_l1_giou(s_boxes, t_boxes)
-    norm = w.sum().clamp(min=1e-6)
-    return {"cls": (w * cls).sum(), "l1": (w * l1 / 4).sum() / norm, "giou": (w * giou).sum() / norm}
 
 
 class KDDETR(DistillMethod):

@@ -1,4 +1,5 @@
-"""Prediction-distillation losses on aligned (student, teacher) pairs, batched.
+"""Prediction-distillation losses on aligned (student, teacher) pairs, batched (unweighted: the
+``Distiller`` applies every weight).
 
 Aligned pairs are flat tensors: P pairs of class logits [P, K] and boxes [P, 4] (normalised
 cxcywh). Heads may differ between teacher and student (softmax over C + 1 vs sigmoid over C):
@@ -7,7 +8,7 @@ everything is compared on the C real classes.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -87,3 +88,34 @@ def pair_losses(student_logits: Tensor, student_boxes: Tensor, teacher_logits: T
 def foreground_weight(teacher_logits: Tensor, head: ClassHead) -> Tensor:
     """KD-DETR Eq. 5: [..., K] teacher logits -> [...] max real-class probability (detached)."""
     return class_probabilities(teacher_logits.detach(), head).max(-1).values
+
+
+class Aligned(NamedTuple):
+    """P aligned pairs: student logits [P, Ks], boxes [P, 4]; teacher logits [P, Kt], boxes [P, 4]."""
+
+    student_logits: Tensor
+    student_boxes: Tensor
+    teacher_logits: Tensor
+    teacher_boxes: Tensor
+
+
+def aligned_losses(pairs: Aligned, heads: tuple[ClassHead, ClassHead], mode: ClassKD = "kl",
+                   temperature: float = 10.0, rebalance: bool = True, normalise: str = "official") -> dict[str, Tensor]:
+    """KD-DETR's unweighted {"cls", "l1", "giou"} of P aligned pairs; heads = (student, teacher).
+
+    w_i = the teacher's foreground weight (``rebalance``, Eq. 5) or 1. ``normalise="official"`` (the
+    official code): class KD summed over pairs / C, L1 (/ 4 coordinates) and GIoU w-weighted means;
+    ``"mean"``: every term a w-weighted mean (``pair_losses``). Used by ``kd_detr`` and
+    ``kd_detr_hetero`` (their module docstrings: why).
+    """
+    s_logits, s_boxes, t_logits, t_boxes = pairs
+    student_head, teacher_head = heads
+    w = foreground_weight(t_logits, teacher_head) if rebalance else t_logits.new_ones(t_logits.shape[0])
+    if normalise == "mean":
+        return pair_losses(s_logits, s_boxes, t_logits, t_boxes, student_head, teacher_head, mode,
+                           temperature, pair_weight=w, normaliser=w.sum())
+    num_classes = t_logits.shape[-1] - (teacher_head == "softmax")
+    cls = class_kd(s_logits, t_logits, student_head, teacher_head, mode, temperature) / num_classes
+    l1, giou = box_l1_giou(s_boxes, t_boxes)
+    norm = w.sum().clamp(min=1e-6)
+    return {"cls": (w * cls).sum(), "l1": (w * l1 / 4).sum() / norm, "giou": (w * giou).sum() / norm}

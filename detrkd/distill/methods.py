@@ -20,11 +20,14 @@ from typing import Any
 
 from ..config import RENAMED_WEIGHTS, ConfigError, coerce
 from ..models import DetrAdapter
+from ..models.cnn import is_cnn_family
 from .active_sampling import ActiveSampling
 from .agfd import AGFD
 from .base import DistillMethod, Weights
 from .fitnet import FitNet
+from .fpn_fitnet import FPNFitNet
 from .global_alignment import GlobalAlignment
+from .heterogeneous import HeterogeneousKDDETR
 from .kd_detr import KDDETR
 from .lapd import LAPD
 
@@ -32,8 +35,10 @@ METHODS: dict[str, type[DistillMethod]] = {
     "active_sampling": ActiveSampling,
     "agfd": AGFD,
     "fitnet": FitNet,
+    "fpn_fitnet": FPNFitNet,
     "global_alignment": GlobalAlignment,
     "kd_detr": KDDETR,
+    "kd_detr_hetero": HeterogeneousKDDETR,
     "lapd": LAPD,
 }
 # keys of a method's section that are not constructor options: applied by the Distiller
@@ -83,9 +88,31 @@ def method_weights(name: str, cls: type[DistillMethod], weight: Any, terms: Any)
     return Weights(weight, {**cls.terms, **values})
 
 
+def student_kind(family: str | None) -> str:
+    """"cnn" for a torchvision CNN family (``models.cnn``), else "detr"."""
+    return "cnn" if is_cnn_family(family) else "detr"
+
+
+def check_student_fits(names: Any, family: str | None) -> None:
+    """``ConfigError`` naming the methods that do not distil into a student of ``family`` (their
+    ``student_kinds``: "detr" / "cnn"), and the ones that do."""
+    kind = student_kind(family)
+    unfit = sorted(name for name in names if kind not in method_class(name).student_kinds)
+    if not unfit:
+        return
+    fit = sorted(name for name, cls in METHODS.items() if kind in cls.student_kinds)
+    if kind == "cnn":
+        raise ConfigError(f"methods {unfit} need a DETR student (they read its decoder queries, predictions per "
+                          f"query or encoder memory); the {family} student distils with {fit}")
+    raise ConfigError(f"methods {unfit} need a torchvision CNN student (model.family faster_rcnn or retinanet); "
+                      f"a DETR student distils with {fit}")
+
+
 def build_methods(specs: dict[str, dict[str, Any]], student: DetrAdapter,
                   teacher: DetrAdapter) -> tuple[dict[str, DistillMethod], dict[str, Weights]]:
-    """(methods, weights) from the config's ``methods`` mapping (``method_options``)."""
+    """(methods, weights) from the config's ``methods`` mapping (``method_options``); methods that
+    do not distil into this kind of student (DETR / torchvision CNN) are one ``ConfigError``."""
+    check_student_fits(specs, getattr(student, "family", None))
     methods, weights = {}, {}
     for name, section in specs.items():
         options, weights[name] = method_options(name, section)

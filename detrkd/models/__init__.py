@@ -18,7 +18,9 @@ from .families.conditional_detr import ConditionalDETRAdapter
 from .families.d_fine import DFineAdapter
 from .families.dab_detr import DABDETRAdapter
 from .families.deformable_detr import DeformableDETRAdapter
+from .families.deimv2 import Deimv2Adapter
 from .families.detr import DETRAdapter
+from .families.lw_detr import LwDETRAdapter, RFDETRAdapter
 from .families.rt_detr import RTDETRAdapter, RTDETRv2Adapter
 
 ADAPTERS: dict[str, type[DetrAdapter]] = {
@@ -29,6 +31,9 @@ ADAPTERS: dict[str, type[DetrAdapter]] = {
     "rt_detr": RTDETRAdapter,
     "rt_detr_v2": RTDETRv2Adapter,
     "d_fine": DFineAdapter,
+    "deimv2": Deimv2Adapter,
+    "lw_detr": LwDETRAdapter,
+    "rf_detr": RFDETRAdapter,
 }
 
 log = logging.getLogger(__name__)
@@ -42,7 +47,10 @@ __all__ = ["ADAPTERS", "PRESETS", "DetectorOutput", "DetrAdapter", "EncoderMemor
 def adapter_class(family: str) -> type[DetrAdapter]:
     """The adapter class of a family name (see ``ADAPTERS``)."""
     if family not in ADAPTERS:
-        raise ValueError(f"unknown detector family {family!r}; choose one of {sorted(ADAPTERS)}")
+        from .cnn import CNN_FAMILIES
+
+        raise ValueError(f"unknown detector family {family!r}; choose one of {sorted(ADAPTERS)} "
+                         f"(DETR) or {sorted(CNN_FAMILIES)} (torchvision CNN students)")
     return ADAPTERS[family]
 
 
@@ -84,9 +92,14 @@ def build_detector(family: str, preset: str, num_classes: int, backbone: str | N
 
 
 def detector_from_state(family: str, hf_config: dict[str, Any]) -> DetrAdapter:
-    """Rebuild an (untrained) adapter from a family name and an HF config dict."""
+    """Rebuild an (untrained) adapter from a family name and an HF config dict (a torchvision CNN
+    student: its ``CnnConfig`` dict, ``models.cnn``)."""
     from transformers import AutoConfig
 
+    from .cnn import cnn_from_state, is_cnn_family
+
+    if is_cnn_family(family):
+        return cnn_from_state(hf_config)
     cls = adapter_class(family)
     config_dict = dict(hf_config)
     model_type = config_dict.pop("model_type", None)
@@ -110,6 +123,12 @@ def load_detector(path: str | Path, class_names: Sequence[str] | None = None, im
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no detector at {path}")
+    from .cnn import is_torchvision_export
+
+    if is_torchvision_export(path):  # a CNN student ``detrkd export`` wrote (models.cnn.export)
+        from .cnn.export import load_exported_detector
+
+        return load_exported_detector(path)
     if path.is_dir():
         adapter = _load_pretrained_dir(path, class_names)
         adapter.pixels = dir_pixels(path, adapter.family, image_size)
@@ -174,9 +193,15 @@ def _load_pretrained_dir(path: Path, class_names: Sequence[str] | None = None) -
 def save_detector(adapter: DetrAdapter, directory: str | Path) -> None:
     """Write the detector in HF ``save_pretrained`` layout (loadable by transformers alone, with no
     missing or unexpected keys: ``hf_state_dict``) with the image processor of its ``pixels``
-    (``preprocessor_config.json``) where it has them."""
+    (``preprocessor_config.json``) where it has them; a torchvision CNN student as its torchvision
+    state dict instead (``models.cnn.export``)."""
+    from .cnn import is_cnn_detector
     from .processors import image_processor
 
+    if is_cnn_detector(adapter):
+        from .cnn.export import save_torchvision
+
+        return save_torchvision(adapter, directory)
     adapter.model.save_pretrained(directory, state_dict=hf_state_dict(adapter.model))
     if adapter.pixels is not None:
         image_processor(adapter.pixels, adapter.family).save_pretrained(directory)

@@ -238,7 +238,7 @@ class DetrAdapter(nn.Module):
         if with_attention:
             hooks += self._attention_hooks(rec)
         with forward_hooks(hooks):
-            hf_out = self.model(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels)
+            hf_out = self._hf_forward(pixel_values, pixel_mask, labels)
         predictions, denoising = self._predictions(rec, hf_out)
         memory = self._memory(rec)
         return DetectorOutput(
@@ -252,6 +252,12 @@ class DetrAdapter(nn.Module):
             loss_dict=getattr(hf_out, "loss_dict", None),
             decoder_inputs=rec["decoder"],
         )
+
+    def _hf_forward(self, pixel_values: Tensor, pixel_mask: Tensor | None,
+                    labels: list[dict[str, Tensor]] | None) -> Any:
+        """The HF model's forward (with its loss when ``labels`` are given); a family whose HF
+        loss needs help in some mode overrides it (LW-DETR / RF-DETR in eval mode)."""
+        return self.model(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels)
 
     def box_normalised_loss(self, out: DetectorOutput) -> Tensor:
         """The part of ``out.loss`` that the HF loss divides by the number of GT boxes (scalar).

@@ -7,8 +7,8 @@ Where a model's pixels come from (``engine.config_pixels``, ``load_detector``):
 - a detrkd checkpoint: the pixels it was trained with (recorded in it; a checkpoint written
   before they were recorded: ImageNet normalisation at its ``data.image_size``, as detrkd did then);
 - a preset (random init): ``model.pixels: auto`` is the family's transformers default processor's
-  rescale and normalisation (RT-DETR / D-FINE: [0, 1], not normalised; the DETR family: ImageNet
-  mean / std) at detrkd's resize of ``data.image_size``; ``imagenet`` is ImageNet normalisation for
+  rescale and normalisation (RT-DETR / D-FINE / DEIMv2: [0, 1], not normalised; the DETR family,
+  LW-DETR and RF-DETR: ImageNet mean / std) at detrkd's resize of ``data.image_size``; ``imagenet`` is ImageNet normalisation for
   every family (what every detrkd run did before per-model preprocessing, and what the digits
   benchmark configs keep so that their rows stay comparable).
 """
@@ -26,16 +26,20 @@ from detrkd.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Pixels, detr_max
 log = logging.getLogger(__name__)
 
 PROCESSOR_FILE = "preprocessor_config.json"
-# the processor class of each family in transformers (RT-DETR's serves v2 and D-FINE too)
+# the processor class of each family in transformers (RT-DETR's serves v2, D-FINE and DEIMv2 too;
+# LW-DETR's is Deformable DETR's; RF-DETR has its own, DETR-style: shorter side, ImageNet, padding)
 PROCESSORS = {"detr": "DetrImageProcessor", "conditional_detr": "ConditionalDetrImageProcessor",
               "dab_detr": "ConditionalDetrImageProcessor", "deformable_detr": "DeformableDetrImageProcessor",
-              "rt_detr": "RTDetrImageProcessor", "rt_detr_v2": "RTDetrImageProcessor", "d_fine": "RTDetrImageProcessor"}
+              "rt_detr": "RTDetrImageProcessor", "rt_detr_v2": "RTDetrImageProcessor", "d_fine": "RTDetrImageProcessor",
+              "deimv2": "RTDetrImageProcessor", "lw_detr": "DeformableDetrImageProcessor",
+              "rf_detr": "RfDetrImageProcessor"}
 
 
 def _square(family: str) -> bool:
     from detrkd.models import adapter_class
+    from detrkd.models.cnn import is_cnn_family
 
-    return not adapter_class(family).uses_pixel_mask
+    return not is_cnn_family(family) and not adapter_class(family).uses_pixel_mask
 
 
 def imagenet_pixels(family: str, image_size: int) -> Pixels:
@@ -46,9 +50,13 @@ def imagenet_pixels(family: str, image_size: int) -> Pixels:
 
 def family_pixels(family: str, image_size: int) -> Pixels:
     """The rescale / normalisation of the family's transformers default image processor at detrkd's
-    resize of ``image_size``."""
+    resize of ``image_size`` (a torchvision CNN family: its detection transform's, ImageNet mean / std)."""
     import transformers
 
+    from detrkd.models.cnn import is_cnn_family
+
+    if is_cnn_family(family):
+        return imagenet_pixels(family, image_size)
     default = getattr(transformers, PROCESSORS[family])()
     normalise = bool(default.do_normalize)
     return dataclasses.replace(imagenet_pixels(family, image_size),
