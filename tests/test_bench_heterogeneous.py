@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from detrkd.bench.accuracy import PRESETS, SETTINGS, SUITES, Preset, Setting, Suite, run_suite
-from detrkd.config import DistillConfig, load_config
+from detrkd.bench.accuracy import ROWS, PRESETS, SETTINGS, SUITES, Preset, Setting, Suite, check_setting, run_suite
+from detrkd.config import DistillConfig, TrainConfig, load_config
+from detrkd.distill.methods import build_methods
+from detrkd.models import build_detector
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,3 +73,22 @@ def test_a_tiny_heterogeneous_suite_end_to_end(tmp_path, monkeypatch):
     assert kd["command"][0].startswith("detrkd distill --config configs/digits_cnn_kd_detr.yaml")
     assert any("model.family=faster_rcnn" in command for command in no_kd["command"])
     assert json.loads(out.read_text()) == rows and (tmp_path / "results" / "heterogeneous" / "kd_detr_hetero_config.yaml").exists()
+
+
+def test_the_cross_family_setting_shares_the_teacher_and_makes_an_rf_detr_student(monkeypatch):
+    """``--setting cross_family``: the compressed teacher's run, RF-DETR students of the same
+    configs (no-KD and each row), prediction-level methods only, which build on that pair."""
+    monkeypatch.chdir(REPO)
+    setting = SETTINGS["cross_family"]
+    suite = Suite("cross_family", PRESETS["cpu"], SUITES["cross_family"], Path("x.json"), setting)
+    assert suite.run_dir("teacher") == Path("runs/digits_teacher")
+    assert suite.run_dir("no_kd") == Path("runs/rf_digits_student")
+    teacher = build_detector("rt_detr", "small", 10)
+    for row in ("no_kd", *SUITES["cross_family"]):
+        schema = DistillConfig if ROWS[row].command == "distill" else TrainConfig
+        config = load_config(ROWS[row].config, suite.sets(row), schema=schema)
+        assert (config.model.family, config.model.preset) == ("rf_detr", "tiny"), row
+        if ROWS[row].command == "distill":
+            build_methods(config.methods, build_detector("rf_detr", "tiny", 10), teacher)
+    with pytest.raises(ValueError, match="runs the suite"):
+        check_setting("qskd", setting)

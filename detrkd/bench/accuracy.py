@@ -92,6 +92,8 @@ SUITES: dict[str, tuple[str, ...]] = {
     "active_sampling": ("active_sampling", "active_sampling_t1", "active_sampling_t2", "active_sampling_t8",
                         "active_sampling_rebalance"),
     "heterogeneous": ("kd_detr_hetero", "fpn_fitnet"),
+    # prediction-level methods only: the feature methods need both memories on one token grid
+    "cross_family": ("lapd_only", "kd_detr_mean", "active_sampling"),
 }
 RESULT_FILES = {"all": "accuracy.json"}
 
@@ -164,6 +166,11 @@ SETTINGS: dict[str, Setting] = {
                              student_sets=("model.family=faster_rcnn", "model.preset=small"),
                              notes="KD-DETR Sec. 4.2 on digits: the RT-DETR small teacher -> a torchvision Faster "
                                    "R-CNN student (ResNet-style 32-256 body, FPN 48, random init; models.cnn small)"),
+    "cross_family": Setting("cross_family", "rf_", "cross_family", suites=("cross_family",),
+                            student_sets=("model.family=rf_detr",),
+                            notes="across families: the compressed setting's RT-DETR small teacher -> an RF-DETR "
+                                  "tiny student (windowed DINOv2-style ViT 64 x 4 layers, one projector level, "
+                                  "d 64, 2 decoder layers, 30 queries, 13 Group-DETR groups in training)"),
 }
 
 
