@@ -427,7 +427,10 @@ def print_summary(summary: dict[str, Any]) -> None:
     status = "stopped at optim.max_steps" if summary["stopped_early"] else "done"
     print(f"{status}: {summary['global_step']} steps, epoch {summary['last_epoch']}, "
           f"best AP {'n/a' if best is None else f'{best:.4f}'} -> {summary['run_dir']}")
-    print(f"for transformers: detrkd export --checkpoint {summary['run_dir']} --out {summary['run_dir']}/hf")
+    from detrkd.models.cnn import is_cnn_family
+
+    target = "torchvision" if is_cnn_family(summary.get("family")) else "transformers"
+    print(f"for {target}: detrkd export --checkpoint {summary['run_dir']} --out {summary['run_dir']}/hf")
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -435,7 +435,8 @@ class Trainer:
         last step (``metrics.jsonl``'s numbering)."""
         last_epoch = self.pos.epoch + (1 if self.pos.batch_in_epoch else 0)
         return {**asdict(self.pos), "last_epoch": last_epoch, "stopped_early": stopped,
-                "last_eval": self.last_eval, "run_dir": str(self.run_dir)}
+                "last_eval": self.last_eval, "run_dir": str(self.run_dir),
+                "family": getattr(self.model, "family", None)}
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a checkpoint holds (see ``detrkd.checkpoint``); a collective in a

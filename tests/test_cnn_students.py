@@ -168,7 +168,8 @@ def _train(capsys, digits, run, family, *extra):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_train_resume_eval_predict_export(capsys, digits, tmp_path, family):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    _train(capsys, digits, straight, family)
+    out, _ = _train(capsys, digits, straight, family)
+    assert f"for torchvision: detrkd export --checkpoint {straight}" in out  # not "for transformers"
     _train(capsys, digits, split, family, "--set", "optim.max_steps=1")
     code = main(["train", "--resume", "--output-dir", str(split), "--no-progress", "--set", "optim.max_steps=null"])
     assert code == 0 and "resumed from" in capsys.readouterr().err

@@ -70,7 +70,6 @@ from .base import DistillContext, DistillMethod
 from .losses import Aligned, ClassKD, aligned_losses
 
 
-
 # ---- points ----------------------------------------------------------------------------------------
 def topk_points(candidates: list[Tensor], targets: list[dict[str, Tensor]], sizes: list[tuple[int, int]],
                 k: int, label_offset: int = 0) -> Points:
