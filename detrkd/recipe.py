@@ -309,6 +309,9 @@ def check_distill_config(config: DistillConfig) -> None:
     for name, section in config.methods.items():
         method_options(name, section)
     check_student_fits(config.methods, config.model.family)
+    if config.init_from_teacher and is_cnn_family(config.model.family):
+        raise ConfigError(f"init_from_teacher copies a DETR teacher's tensors into a student of the same "
+                          f"layout; a {config.model.family} student has none of them: set init_from_teacher: false")
 
 
 def build_distill_trainer(config: DistillConfig, resume: bool = False, progress: bool = True) -> Trainer:

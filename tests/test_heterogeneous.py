@@ -14,7 +14,7 @@ import torch
 
 from detrkd.box_ops import box_iou
 from detrkd.cli import main
-from detrkd.config import ConfigError
+from detrkd.config import ConfigError, DistillConfig
 from detrkd.distill.base import DistillContext, Distiller
 from detrkd.distill.fpn_fitnet import FPNFitNet
 from detrkd.distill.heterogeneous import HeterogeneousKDDETR, normalised_cxcywh, teacher_at_points, topk_points
@@ -329,3 +329,16 @@ def test_fpn_fitnet_builds_from_the_config_with_a_connector(teacher):
     assert torch.isfinite(loss) and loss.item() > 0
     with pytest.raises(ValueError, match=r"levels \[5\] out of range: the teacher memory has 3 level"):
         FPNFitNet(student, teacher, levels=[5]).chosen(3)
+
+
+def test_init_from_teacher_with_a_cnn_student_is_refused_up_front():
+    """A DETR teacher's tensors have no counterpart in a torchvision CNN: asking to copy them is a
+    one-line ConfigError before anything is loaded, not a run that silently copied nothing."""
+    from detrkd.config import load_config as load
+    from detrkd.recipe import check_distill_config
+
+    raw = {"model": {"family": "faster_rcnn", "preset": "tiny"}, "data": {"root": "nowhere"},
+           "teacher": "t.pt", "methods": {"kd_detr_hetero": {}}, "init_from_teacher": True}
+    with pytest.raises(ConfigError, match="init_from_teacher copies a DETR teacher's tensors"):
+        check_distill_config(load(raw, schema=DistillConfig))
+    check_distill_config(load({**raw, "init_from_teacher": False}, schema=DistillConfig))
