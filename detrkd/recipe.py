@@ -58,11 +58,6 @@ class DetectorLoss(nn.Module):
         return detection_loss(self.model, out, batch["labels"]), terms
 
 
-def detector_loss(model: nn.Module) -> DetectorLoss:
-    """``compute_loss`` of plain training (``DetectorLoss``)."""
-    return DetectorLoss(model)
-
-
 def make_detector(config: TrainConfig, num_classes: int, class_names: Sequence[str] | None = None) -> nn.Module:
     """Build the configured detector (random init or ``model.pretrained``), with its ``pixels``."""
     mcfg = config.model
