@@ -108,6 +108,28 @@ def test_multi_head_samples_are_the_average_of_the_heads_samples():
         ActiveSampling(num_classes=C, hidden=30, heads=4)
 
 
+@pytest.mark.parametrize("heads", [1, 2])
+def test_the_fast_forms_equal_the_papers_formulas(heads):
+    """The scale folded into the queries, Eq. 16 as logsumexp minus the diagonal and the key-only
+    frozen projection give the textbook values: softmax(q k^T / (sqrt(d / h) T)), -mean log W_ii,
+    and the ASM's own keys (gradients to the input only)."""
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 6, 8), torch.randn(2, 6, 8)
+    h = heads
+    qh, kh = (x.view(2, 6, h, 8 // h).transpose(1, 2) for x in (q, k))
+    textbook = (qh @ kh.transpose(-1, -2) / (np.sqrt(8 / h) * 3.0)).softmax(-1).mean(1)
+    torch.testing.assert_close(sampling_weights(q, k, heads=h, temperature=3.0), textbook)
+    log_w = (qh @ kh.transpose(-1, -2) / np.sqrt(8 / h)).log_softmax(-1)
+    torch.testing.assert_close(sampling_loss(q, k, h), -log_w.diagonal(dim1=-2, dim2=-1).mean())
+    asm = SamplingModule(4 + C, hidden=16, layers=2)
+    y = torch.rand(3, 5, 4 + C, requires_grad=True)
+    keys = asm.frozen_keys(y)
+    torch.testing.assert_close(keys, asm(y)[1])
+    keys.sum().backward()
+    assert y.grad is not None and y.grad.abs().sum() > 0
+    assert all(p.grad is None for p in asm.parameters())
+
+
 @pytest.mark.parametrize("heads", [1, 4])
 def test_teacher_samples_reuse_the_sampling_loss_scores(heads):
     """With the teacher's predictions as points, S_t comes from the scores the sampling loss already

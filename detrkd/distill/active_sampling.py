@@ -78,8 +78,8 @@ import math
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from ..models.base import ClassHead, DetectorOutput
 from .base import DistillContext, DistillMethod
@@ -102,8 +102,8 @@ class SamplingModule(nn.Module):
     """The ASM projection: y [..., 4 + C] -> (query [..., dim], key [..., dim]).
 
     An MLP of ``layers`` Linear+ReLU blocks of width ``hidden`` shared by both, then one linear
-    head each. ``frozen(y)`` is the same projection with the parameters detached (gradients reach
-    ``y`` only).
+    head each. ``frozen_keys(y)`` is the key projection with the parameters detached (gradients
+    reach ``y`` only).
     """
 
     def __init__(self, in_dim: int, hidden: int = 256, dim: int | None = None, layers: int = 2):
@@ -123,25 +123,34 @@ class SamplingModule(nn.Module):
         h = self.mlp(y.to(self.query.weight.dtype))
         return self.query(h), self.key(h)
 
-    def frozen(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        """The projection with detached parameters: [..., 4 + C] -> ([..., dim], [..., dim])."""
-        params = {name: p.detach() for name, p in self.named_parameters()}
-        return functional_call(self, params, (y,))
+    def frozen_keys(self, y: Tensor) -> Tensor:
+        """The keys only, with detached parameters: [..., 4 + C] -> [..., dim] (gradients reach
+        ``y`` only; the query head is not run)."""
+        h = y.to(self.key.weight.dtype)
+        for layer in self.mlp:
+            h = F.linear(h, layer.weight.detach(), layer.bias.detach()) if isinstance(layer, nn.Linear) else layer(h)
+        return F.linear(h, self.key.weight.detach(), self.key.bias.detach())
 
 
 def sampling_logits(queries: Tensor, keys: Tensor, heads: int = 1, temperature: float = 1.0) -> Tensor:
-    """queries [B, M, d], keys [B, N, d] -> scores [B, h, M, N] / (sqrt(d / h) * T)."""
+    """queries [B, M, d], keys [B, N, d] -> scores [B, h, M, N] / (sqrt(d / h) * T) (the scale is
+    applied to the queries, M x d numbers, not to the M x N scores)."""
     b, m, d = queries.shape
     if d % heads:
         raise ValueError(f"ASM dim {d} is not divisible by heads={heads}")
-    q = queries.view(b, m, heads, d // heads).transpose(1, 2)
+    q = (queries / (math.sqrt(d // heads) * temperature)).view(b, m, heads, d // heads).transpose(1, 2)
     k = keys.view(b, keys.shape[1], heads, d // heads).transpose(1, 2)
-    return q @ k.transpose(-1, -2) / (math.sqrt(d // heads) * temperature)
+    return q @ k.transpose(-1, -2)
+
+
+def head_mean(weights: Tensor) -> Tensor:
+    """[B, h, M, N] -> [B, M, N], the mean over heads (a view for one head)."""
+    return weights.squeeze(1) if weights.shape[1] == 1 else weights.mean(1)
 
 
 def sampling_weights(queries: Tensor, keys: Tensor, heads: int = 1, temperature: float = 1.0) -> Tensor:
     """Head-averaged sampling weights [B, M, N] (rows sum to 1) of queries [B, M, d] over keys [B, N, d]."""
-    return sampling_logits(queries, keys, heads, temperature).softmax(-1).mean(1)
+    return head_mean(sampling_logits(queries, keys, heads, temperature).softmax(-1))
 
 
 def sample(queries: Tensor, keys: Tensor, values: Tensor, heads: int = 1,
@@ -160,8 +169,8 @@ def sampling_loss(queries: Tensor, keys: Tensor, heads: int = 1) -> Tensor:
 
 def diagonal_nll(scores: Tensor) -> Tensor:
     """Eq. 16 from self-attention scores [B, h, Q, Q] (``sampling_logits`` at T = 1):
-    -mean of log softmax(scores)_ii."""
-    return -scores.log_softmax(-1).diagonal(dim1=-2, dim2=-1).mean()
+    -mean of log softmax(scores)_ii = mean of (logsumexp_j scores_ij - scores_ii)."""
+    return (scores.logsumexp(-1) - scores.diagonal(dim1=-2, dim2=-1)).mean()
 
 
 def class_distance(student: Tensor, teacher: Tensor, mode: ClassDistance = "kl") -> Tensor:
@@ -269,10 +278,10 @@ class ActiveSampling(DistillMethod):
         y_t, q_t, k_t, scores_t = teacher
         q_p = self.point_queries(y_t, q_t, y_s)
         if self.points == "teacher":  # points = Y_t: q(Y_t) k(Y_t)^T is the sampling loss's, reuse it
-            s_t = (scores_t.detach() / self.temperature).softmax(-1).mean(1) @ y_t
+            s_t = head_mean((scores_t.detach() / self.temperature).softmax(-1)) @ y_t
         else:
             s_t, _ = sample(q_p, k_t.detach(), y_t, self.heads, self.temperature)
-        s_s, _ = sample(q_p, self.asm.frozen(y_s)[1], y_s, self.heads, self.temperature)
+        s_s, _ = sample(q_p, self.asm.frozen_keys(y_s), y_s, self.heads, self.temperature)
         return s_t, s_s
 
     @torch.no_grad()
