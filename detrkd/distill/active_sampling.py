@@ -58,6 +58,14 @@ Losses (Sec. 3.4), returned unweighted as {"sampling", "l1", "cls"} (the ``Disti
   round(i * (Lt - 1) / (Ls - 1)) (LAPD's ``layer_pairs``), distillation terms summed over pairs
   (as DETR sums auxiliary losses), sampling loss averaged over the teacher layers used (one ASM).
 
+Training the ASM (``asm_lr``, ``asm_warmup``): the ASM is a fresh module next to a student that
+trains for a whole schedule, so it gets its own optimiser group, peak lr 1e-3 and no warm-up by
+default. At the student's own settings (peak 2e-4 after 300 warm-up steps) the sampling loss sat at
+ln Qt for about 300 steps: W was uniform, every sample was the set mean, and the distillation terms
+pulled every student output towards that mean. Offline, on the digits teacher's outputs
+(``benchmarks/asm_sharpening.py``, ``results/active_sampling/asm_sharpening.txt``), W_ii at step
+300 is 0.065 at 2e-4 and 0.67 at 1e-3, even with the warm-up.
+
 Gradient routing (the decision; tests check each term separately):
 - sampling loss -> the ASM only. Its inputs are the teacher's predictions, detached.
 - l1 / cls -> the student only, through its predictions both as values (Y_s) and as keys (k(Y_s)).
