@@ -5,49 +5,85 @@ product, Eq. 16 through log_softmax, the student's keys through a parameter-deta
 whole ASM, a head mean that copies); "after" is ``detrkd.distill.active_sampling`` as it is now.
 Fake teacher / student prediction vectors, B = 8, Qt = Qs = 900, C = 10, default ASM (256 / 256);
 one forward and backward of the three terms. Prints both values and gradients (they agree) and
-the median seconds of 10 interleaved calls each.
+the median seconds of 10 interleaved calls each (after 2 untimed).
 
     OMP_NUM_THREADS=1 python benchmarks/as_speed.py [THREADS]
 """
-import time, torch, math, statistics, sys
-torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import time
+
+import torch
+from torch import Tensor
 from torch.func import functional_call
+
 import detrkd.distill.active_sampling as A
-B,Q,C=8,900,10
-torch.manual_seed(0)
-yt = torch.cat([torch.rand(B,Q,4), torch.rand(B,Q,C)],-1)
-ys0 = torch.cat([torch.rand(B,Q,4), torch.rand(B,Q,C)],-1)
-def old_logits(queries, keys, heads=1, temperature=1.0):
+
+B, Q, C = 8, 900, 10
+
+
+def old_logits(queries: Tensor, keys: Tensor, heads: int = 1, temperature: float = 1.0) -> Tensor:
+    """``sampling_logits`` before 150900a: the scale divides the [B, h, M, N] scores."""
     b, m, d = queries.shape
     q = queries.view(b, m, heads, d // heads).transpose(1, 2)
     k = keys.view(b, keys.shape[1], heads, d // heads).transpose(1, 2)
     return q @ k.transpose(-1, -2) / (math.sqrt(d // heads) * temperature)
-def old(m):
+
+
+def old(m: A.ActiveSampling, yt: Tensor, ys0: Tensor) -> tuple[list[float], Tensor]:
+    """The three terms' forward and backward as computed before 150900a: (values, grad of y_s)."""
     ys = ys0.clone().requires_grad_()
-    q_t,k_t = m.asm(yt); sc = old_logits(q_t,k_t)
+    q_t, k_t = m.asm(yt)
+    sc = old_logits(q_t, k_t)
     samp = -sc.log_softmax(-1).diagonal(dim1=-2, dim2=-1).mean()
     s_t = (sc.detach() / m.temperature).softmax(-1).mean(1) @ yt
     params = {n: p.detach() for n, p in m.asm.named_parameters()}
     k_s = functional_call(m.asm, params, (ys,))[1]
-    w = old_logits(q_t.detach(), k_s, 1, m.temperature).softmax(-1).mean(1)
-    s_s = w @ ys
+    s_s = old_logits(q_t.detach(), k_s, 1, m.temperature).softmax(-1).mean(1) @ ys
     l1, cls = m.point_losses(s_s, s_t, "bernoulli")
-    (samp+5*l1.mean()+cls.mean()).backward()
+    (samp + 5 * l1.mean() + cls.mean()).backward()
     return [samp.item(), l1.mean().item(), cls.mean().item()], ys.grad
-def new(m):
+
+
+def new(m: A.ActiveSampling, yt: Tensor, ys0: Tensor) -> tuple[list[float], Tensor]:
+    """The same through the library's functions as they are now."""
     ys = ys0.clone().requires_grad_()
-    q_t,k_t = m.asm(yt); sc = A.sampling_logits(q_t,k_t)
+    q_t, k_t = m.asm(yt)
+    sc = A.sampling_logits(q_t, k_t)
     samp = A.diagonal_nll(sc)
-    l1,cls = m.distill((yt,q_t,k_t,sc), ys, "bernoulli")
-    (samp+5*l1+cls).backward()
+    l1, cls = m.distill((yt, q_t, k_t, sc), ys, "bernoulli")
+    (samp + 5 * l1 + cls).backward()
     return [samp.item(), l1.item(), cls.item()], ys.grad
-m = A.ActiveSampling(num_classes=C)
-a, ga = old(m); pa=[p.grad.clone() for p in m.parameters()]; m.zero_grad()
-b, gb = new(m); pb=[p.grad.clone() for p in m.parameters()]; m.zero_grad()
-print("values", a, b, "max |grad diff| ys", (ga-gb).abs().max().item(), "asm", max((x-y).abs().max().item() for x,y in zip(pa,pb)))
-t = {"old": [], "new": []}
-for r in range(12):
-    for k, f in (("old", old), ("new", new)):
-        s = time.perf_counter(); f(m); t[k].append(time.perf_counter()-s)
+
+
+def main() -> None:
+    torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
+    torch.manual_seed(0)
+    yt = torch.cat([torch.rand(B, Q, 4), torch.rand(B, Q, C)], -1)
+    ys0 = torch.cat([torch.rand(B, Q, 4), torch.rand(B, Q, C)], -1)
+    m = A.ActiveSampling(num_classes=C)
+    a, ga = old(m, yt, ys0)
+    pa = [p.grad.clone() for p in m.parameters()]
     m.zero_grad()
-print({k: round(statistics.median(v[2:]),3) for k,v in t.items()}, "ratio", round(statistics.median(t["new"][2:])/statistics.median(t["old"][2:]),3))
+    b, gb = new(m, yt, ys0)
+    pb = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    print("values", a, b, "max |grad diff| ys", (ga - gb).abs().max().item(),
+          "asm", max((x - y).abs().max().item() for x, y in zip(pa, pb)))
+    t: dict[str, list[float]] = {"old": [], "new": []}
+    for _ in range(12):
+        for k, f in (("old", old), ("new", new)):
+            s = time.perf_counter()
+            f(m, yt, ys0)
+            t[k].append(time.perf_counter() - s)
+        m.zero_grad()
+    med = {k: statistics.median(v[2:]) for k, v in t.items()}
+    print({k: round(v, 3) for k, v in med.items()}, "ratio", round(med["new"] / med["old"], 3))
+
+
+if __name__ == "__main__":
+    main()
