@@ -243,7 +243,8 @@ def _add_bench(sub: Any, common: argparse.ArgumentParser) -> None:
                      help="teacher / student pair: compressed = RT-DETR small -> tiny (default); paper = the "
                           "papers' setting, the student keeps the teacher's transformer, smaller backbone only; "
                           "heterogeneous = the same teacher -> a torchvision Faster R-CNN (suite heterogeneous); "
-                          "cross_family = the same teacher -> an RF-DETR student (suite cross_family)")
+                          "cross_family / cross_family_deimv2 = the same teacher -> an RF-DETR / a DEIMv2 "
+                          "student (suite cross_family)")
     acc.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="K",
                      help="train every row but the teacher once per seed; rows report the mean (default 0)")
     acc.add_argument("--threads", type=int, help="torch threads of each run started now (default: the configs')")

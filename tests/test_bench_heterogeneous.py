@@ -75,20 +75,27 @@ def test_a_tiny_heterogeneous_suite_end_to_end(tmp_path, monkeypatch):
     assert json.loads(out.read_text()) == rows and (tmp_path / "results" / "heterogeneous" / "kd_detr_hetero_config.yaml").exists()
 
 
-def test_the_cross_family_setting_shares_the_teacher_and_makes_an_rf_detr_student(monkeypatch):
-    """``--setting cross_family``: the compressed teacher's run, RF-DETR students of the same
-    configs (no-KD and each row), prediction-level methods only, which build on that pair."""
+@pytest.mark.parametrize("name, family, prefix", [("cross_family", "rf_detr", "rf_"),
+                                                  ("cross_family_deimv2", "deimv2", "deimv2_")])
+def test_a_cross_family_setting_shares_the_teacher_and_makes_its_student(monkeypatch, name, family, prefix):
+    """``--setting cross_family`` / ``cross_family_deimv2``: the compressed teacher's run, RF-DETR /
+    DEIMv2 students of the same configs (no-KD and each row), prediction-level methods only, which
+    build on that pair; both settings run the suite, no other setting does."""
     monkeypatch.chdir(REPO)
-    setting = SETTINGS["cross_family"]
+    setting = SETTINGS[name]
     suite = Suite("cross_family", PRESETS["cpu"], SUITES["cross_family"], Path("x.json"), setting)
     assert suite.run_dir("teacher") == Path("runs/digits_teacher")
-    assert suite.run_dir("no_kd") == Path("runs/rf_digits_student")
+    assert suite.run_dir("no_kd") == Path(f"runs/{prefix}digits_student")
+    assert suite.run_dir("lapd_only") == Path(f"runs/{prefix}digits_lapd_only")
     teacher = build_detector("rt_detr", "small", 10)
     for row in ("no_kd", *SUITES["cross_family"]):
         schema = DistillConfig if ROWS[row].command == "distill" else TrainConfig
         config = load_config(ROWS[row].config, suite.sets(row), schema=schema)
-        assert (config.model.family, config.model.preset) == ("rf_detr", "tiny"), row
+        assert (config.model.family, config.model.preset) == (family, "tiny"), row
         if ROWS[row].command == "distill":
-            build_methods(config.methods, build_detector("rf_detr", "tiny", 10), teacher)
+            build_methods(config.methods, build_detector(family, "tiny", 10), teacher)
     with pytest.raises(ValueError, match="runs the suite"):
         check_setting("qskd", setting)
+    check_setting("cross_family", setting)
+    with pytest.raises(ValueError, match="runs under --setting cross_family or cross_family_deimv2 only"):
+        check_setting("cross_family", SETTINGS["compressed"])
