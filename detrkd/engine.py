@@ -624,7 +624,7 @@ class Trainer:
         return max_steps is not None and self.pos.global_step >= max_steps
 
     def _step(self, batch: Batch, bar: tqdm, data_seconds: float) -> None:
-        lr = self._current_lr()
+        lrs = self._learning_rates()  # of this step, before the scheduler moves them
         start = time.perf_counter()
         result = self._train_step(to_device(batch, self.device))
         self._settle_pending(finite=result is not None)
@@ -636,13 +636,19 @@ class Trainer:
         self.pos.batch_in_epoch += 1
         if result is not None:
             self._window.add(*result)
-            bar.set_postfix(loss=f"{result[0]:.4f}", lr=f"{lr:.2e}", refresh=False)
+            bar.set_postfix(loss=f"{result[0]:.4f}", lr=f"{lrs['lr']:.2e}", refresh=False)
         bar.update(1)
-        self._maybe_log(lr)
+        self._maybe_log(lrs)
         self._maybe_checkpoint()
 
-    def _current_lr(self) -> float:
-        return max(group["lr"] for group in self.optimizer.param_groups)
+    def _learning_rates(self) -> dict[str, float]:
+        """{"lr": the model's learning rate, the largest of its own groups (``main`` / ``backbone``),
+        "lr/distill/<method>": that of each method's own group (e.g. the ASM's ``asm_lr``)}."""
+        groups = self.optimizer.param_groups
+        own = [g["lr"] for g in groups if not g.get("name", "").startswith("distill/")]
+        methods = {f"lr/{g['name']}": g["lr"] for g in groups
+                   if g.get("name", "").startswith("distill/") and not g["name"].endswith("/no_decay")}
+        return {"lr": max(own or [g["lr"] for g in groups]), **methods}
 
     def _train_step(self, batch: Batch) -> tuple[float, dict[str, float]] | None:
         """Forward, backward, clip, step. None if the step was skipped (non-finite on any rank)."""
@@ -695,17 +701,17 @@ class Trainer:
                 f"optim.max_nonfinite_in_row")
 
     # ---- logging and checkpoints -------------------------------------------------------
-    def _maybe_log(self, lr: float) -> None:
+    def _maybe_log(self, lrs: dict[str, float]) -> None:
         if self.pos.global_step % self.config.log_every_steps:
             return
         window, self._window = self._window, _Window()
         record = mean_values(window.record(self.config.log_every_steps))  # averaged over ranks
         if self.world.is_main:
             append_metrics(self.metrics_path, {
-                "type": "train", "step": self.pos.global_step, "epoch": self.pos.epoch + 1, "lr": lr,
+                "type": "train", "step": self.pos.global_step, "epoch": self.pos.epoch + 1, **lrs,
                 **record, "skipped_steps": self.pos.nonfinite_total})
             if not self.progress:  # no bar (stderr is not a terminal, or --no-progress): one line instead
-                log.info("%s", self._progress_line(lr, record))
+                log.info("%s", self._progress_line(lrs["lr"], record))
 
     def _progress_line(self, lr: float, record: dict[str, float]) -> str:
         """'step 250/3000 (epoch 1/12): loss 12.3456, lr 2.00e-04, 5.3 img/s, ETA 1:02:03'."""

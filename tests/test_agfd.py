@@ -150,6 +150,25 @@ def test_mask_none_equals_plain_bn_mse_and_padding_is_excluded():
     torch.testing.assert_close(AGFD(8, 8, mask="none", adapter=False)(ctx2)["feature"], loss)
 
 
+def test_mask_none_is_the_fitnet_bn_row():
+    """AGFD with mask "none" is FitNet with normalise "batch_norm" (loss and student gradient), so the
+    benchmark's fitnet row (configs/digits_fitnet.yaml) is QSKD Table 5's no-mask baseline."""
+    from detrkd.distill.fitnet import FitNet
+
+    g = torch.Generator().manual_seed(5)
+    t = torch.randn(2, 6, 8, generator=g)
+    padding = torch.zeros(2, 6, dtype=torch.bool)
+    padding[0, 5:] = True
+    grads = []
+    for method in (AGFD(8, 8, mask="none"), FitNet(8, 8, normalise="batch_norm")):
+        s = torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(6)).requires_grad_()
+        loss = method(hand_ctx(hand_output(t, padding=padding), hand_output(s, padding=padding)))["feature"]
+        loss.backward()
+        grads.append((loss.detach(), s.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=0, atol=0)
+
+
 def test_attention_mask_loss_matches_hand_formula():
     ctx = image_a_ctx()
     s = torch.randn(1, 6, 8, generator=torch.Generator().manual_seed(4))

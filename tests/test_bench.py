@@ -58,6 +58,8 @@ def test_method_specs_are_the_suite_configs(monkeypatch):
     specs = method_specs()
     assert set(specs["qskd"]) == {"agfd", "lapd"} and set(specs["agfd"]) == {"agfd"}
     assert specs["kd_detr"]["kd_detr"]["points"] == "both"
+    bf16 = specs["active_sampling_bf16"]["active_sampling"]
+    assert bf16 == {**specs["active_sampling"]["active_sampling"], "precision": "bfloat16"}
     with pytest.raises(ValueError, match="unknown methods"):
         method_specs(["nope"])
 

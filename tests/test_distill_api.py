@@ -229,3 +229,25 @@ def test_a_methods_own_parameters_get_its_optim_options(tmp_path: Path):
     trainer = build_distill_trainer(load_config(raw, schema=DistillConfig), progress=False)
     lrs = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}
     assert lrs["distill/active_sampling"] == pytest.approx(lrs["main"])
+
+
+def test_logged_lr_is_the_students_and_a_methods_group_is_logged_apart(tmp_path: Path):
+    """The progress line and metrics.jsonl's "lr" are the student's learning rate (its warm-up),
+    not the largest of all groups (the ASM's constant 1e-3 hid the student's 2e-4 schedule); a
+    method's own group is logged as "lr/distill/<method>"."""
+    from detrkd.data.digits import make_digits_dataset
+    from detrkd.recipe import build_distill_trainer
+
+    make_digits_dataset(tmp_path / "data", train_images=4, val_images=2, image_size=64)
+    save_detector(build_detector("rt_detr", "tiny", 10), tmp_path / "teacher")
+    raw = {"model": {"family": "rt_detr", "preset": "tiny"},
+           "data": {"root": str(tmp_path / "data"), "image_size": 64, "batch_size": 2, "hflip": False},
+           "optim": {"lr": 2e-4, "epochs": 1, "warmup_steps": 100}, "teacher": str(tmp_path / "teacher"),
+           "methods": {"active_sampling": {"hidden": 16}}, "output_dir": str(tmp_path / "run"),
+           "log_every_steps": 1, "eval_every_epochs": 0}
+    trainer = build_distill_trainer(load_config(raw, schema=DistillConfig), progress=False)
+    trainer.fit()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["type"] == "train"]
+    assert [r["lr"] for r in train] == pytest.approx([2e-4 / 100, 2e-4 * 2 / 100])
+    assert [r["lr/distill/active_sampling"] for r in train] == pytest.approx([1e-3, 1e-3])

@@ -56,13 +56,15 @@ class Pair:
 
 def method_specs(names: Sequence[str] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
     """name -> the ``methods`` mapping of its accuracy-suite config. Besides the ``all`` suite's rows:
-    ``agfd`` / ``lapd`` (that part of ``qskd`` alone) and ``global_alignment_reference`` (the same
-    matching done the naive way, per decoder layer with scipy, image after image)."""
+    ``agfd`` / ``lapd`` (that part of ``qskd`` alone), ``global_alignment_reference`` (the same
+    matching done the naive way, per decoder layer with scipy, image after image) and
+    ``active_sampling_bf16`` (its ASM products in bfloat16: ``precision``)."""
     from ..config import DistillConfig, load_config
     from .accuracy import ROWS, SUITES
 
     parts = {"agfd": ("qskd", {}), "lapd": ("qskd", {}), "global_alignment_reference":
-             ("global_alignment", {"reference": True})}
+             ("global_alignment", {"reference": True}),
+             "active_sampling_bf16": ("active_sampling", {"precision": "bfloat16"})}
     choices = [*SUITES["all"], *parts]
     unknown = sorted(set(names or ()) - set(choices))
     if unknown:
