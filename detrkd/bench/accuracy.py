@@ -129,7 +129,8 @@ PRESETS: dict[str, Preset] = {
                     notes=f"the main job (make distill): the shipped teacher (detrkd/assets/digits_teacher, "
                           f"fp16), students {QUICK_EPOCHS} epochs, warm-up 100 steps, 2 threads"),
     "cpu": Preset("cpu", "digits", Path("data/digits"),
-                  notes="configs as committed: 2000 train images, 256 px, 12 epochs, batch 8, 2 threads"),
+                  notes="configs as committed: 2000 train images, 256 px, 12 epochs, batch 8; threads: the "
+                        "table's column (configs: 2, --threads overrides)"),
     "gpu": Preset("gpu", "digits_gpu", Path("data/digits_gpu"), data_args=("--train-images", "20000", "--val-images", "1000"),
                   sets=("device=cuda", "threads=null", "data.num_workers=4", "data.batch_size=16",
                         "optim.epochs=24", "optim.warmup_steps=1000", "eval_max_images=null"),
