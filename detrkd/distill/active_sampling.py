@@ -67,8 +67,8 @@ pulled every student output towards that mean. Offline, on the digits teacher's 
 300 is 0.065 at 2e-4 and 0.67 at 1e-3, even with the warm-up.
 
 Precision (``precision``): "float32" (default) computes everything in float32. "bfloat16" runs
-the ASM's MLP and the q.k products (the Q x Q x dim matmuls, about 80% of the method's time at 900
-queries) under ``torch.autocast`` in bfloat16; the scores are cast back to float32 before every
+the ASM's MLP and the q.k products (with the MLP, the Q x Q x dim matmuls are most of the method's
+time at 900 queries) under ``torch.autocast`` in bfloat16; the scores are cast back to float32 before every
 softmax, and the samples S = W @ Y, the losses and the ASM's weights stay float32. Measured at
 B 8, Q 900, C 10, 1 CPU thread with AMX (``benchmarks/as_speed.py``, ``results/overhead/
 as_speed.txt``): the method's forward and backward take 0.51x the float32 time; with an ASM trained
