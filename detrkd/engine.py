@@ -121,6 +121,9 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim <= 1 or name.endswith(".bias")
 
 
+METHOD_GROUP_PREFIX = "distill/"  # names of a distillation method's own groups: "distill/<method>"
+
+
 def named_param_groups(
     name: str, named_params: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float
 ) -> list[ParamGroup]:
@@ -645,9 +648,9 @@ class Trainer:
         """{"lr": the model's learning rate, the largest of its own groups (``main`` / ``backbone``),
         "lr/distill/<method>": that of each method's own group (e.g. the ASM's ``asm_lr``)}."""
         groups = self.optimizer.param_groups
-        own = [g["lr"] for g in groups if not g.get("name", "").startswith("distill/")]
+        own = [g["lr"] for g in groups if not g.get("name", "").startswith(METHOD_GROUP_PREFIX)]
         methods = {f"lr/{g['name']}": g["lr"] for g in groups
-                   if g.get("name", "").startswith("distill/") and not g["name"].endswith("/no_decay")}
+                   if g.get("name", "").startswith(METHOD_GROUP_PREFIX) and not g["name"].endswith("/no_decay")}
         return {"lr": max(own or [g["lr"] for g in groups]), **methods}
 
     def _train_step(self, batch: Batch) -> tuple[float, dict[str, float]] | None:

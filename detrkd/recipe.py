@@ -30,8 +30,8 @@ from detrkd.data.transforms import pixel_transforms
 from detrkd.distill.base import DistillMethod, Distiller
 from detrkd.distill.methods import METHODS, build_methods, check_student_fits, method_class, method_options
 from detrkd.distributed import detection_loss, local_device, shard, world
-from detrkd.engine import (Batch, EvalFn, Trainer, check_run_dir, detector_param_groups, named_param_groups,
-                           setup_runtime)
+from detrkd.engine import (METHOD_GROUP_PREFIX, Batch, EvalFn, Trainer, check_run_dir, detector_param_groups,
+                           named_param_groups, setup_runtime)
 from detrkd.errors import TrainingError
 from detrkd.evaluation import evaluate
 from detrkd.models import (DetrAdapter, adapter_class, build_detector, family_of_pretrained_dir, load_detector,
@@ -327,7 +327,7 @@ def build_distill_trainer(config: DistillConfig, resume: bool = False, progress:
     groups = detector_param_groups(student, config.optim)
     for name, module in extra.items():
         options = module.optim_options() if isinstance(module, DistillMethod) else {}
-        for group in named_param_groups(f"distill/{name}", module.named_parameters(),
+        for group in named_param_groups(f"{METHOD_GROUP_PREFIX}{name}", module.named_parameters(),
                                         options.get("lr", config.optim.lr), config.optim.weight_decay):
             groups.append({**group, "warmup": bool(options.get("warmup", True))})
     evaluate_fn = make_eval_fn(config, data["val"], progress)
