@@ -251,6 +251,9 @@ def _add_bench(sub: Any, common: argparse.ArgumentParser) -> None:
     acc.add_argument("--only", nargs="*", metavar="ROW",
                      help="train only these rows of the suite now (with no ROW: none but the teacher and no-KD "
                           "rows; finished rows are reported either way)")
+    acc.add_argument("--teacher", type=Path, metavar="DIR",
+                     help="distil every row from this exported teacher (detrkd export --with-run-files) instead "
+                          "of training the setting's teacher row; the teacher row is its evaluation")
     acc.add_argument("--out", type=Path, help="result file (default benchmarks/results/[paper/]<suite>.json, "
                                               "accuracy.json for all)")
     acc.set_defaults(func=cmd_bench_accuracy)
@@ -463,7 +466,7 @@ def cmd_bench_accuracy(args: argparse.Namespace) -> int:
     from detrkd.bench.accuracy import markdown, run_suite
 
     rows = run_suite(args.suite, args.preset, only=args.only, out=args.out, setting=args.setting, seeds=args.seeds,
-                     threads=args.threads)
+                     threads=args.threads, teacher=args.teacher)
     print(markdown(rows))
     return 0
 

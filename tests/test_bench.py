@@ -126,6 +126,15 @@ def test_accuracy_suite_end_to_end(tmp_path, monkeypatch):
     mtime = (tmp_path / "runs/t_lapd_only/last.pt").stat().st_mtime
     assert run_suite("qskd", preset, only=[], out=out) == rows  # finished runs are reused
     assert (tmp_path / "runs/t_lapd_only/last.pt").stat().st_mtime == mtime
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs")  # a fresh machine: only the committed results are left
+    assert run_suite("qskd", preset, only=[], out=out) == rows  # rebuilt from the raw outputs, nothing trained
+    assert not list((tmp_path / "runs").rglob("*.pt"))
+    assert json.loads((tmp_path / "runs/t_lapd_only/restored.json").read_text())["from"] == str(raw)
+    with pytest.raises(ValueError, match="needs the teacher runs/t_teacher/last.pt, which is not here"):
+        run_suite("qskd", preset, only=["agfd_only"], out=out)
+    assert not (tmp_path / "runs/t_agfd_only").exists()
 
 
 def test_a_preset_with_a_shipped_teacher_evaluates_it_and_distils_from_it(tmp_path, monkeypatch):
@@ -152,6 +161,74 @@ def test_a_preset_with_a_shipped_teacher_evaluates_it_and_distils_from_it(tmp_pa
     assert (tmp_path / "results" / "tiny" / "qskd.json").exists()  # the preset's own result directory
     meta = json.loads((tmp_path / "results" / "tiny" / "qskd_meta.json").read_text())
     assert meta["command"].endswith("--seeds 0 --only lapd_only")  # the command that made the table
+
+
+def test_a_given_teacher_replaces_the_teacher_row_and_rows_never_mix_teachers(tmp_path, monkeypatch):
+    """--teacher DIR: an exported teacher is evaluated in a directory of its own (never the trained
+    teacher row's) and distilled from; a row distilled from one teacher is refused under another."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    assert main(["data", "digits", "--out", "data/t", "--train-images", "8", "--val-images", "4",
+                 "--image-size", "64"]) == 0
+    sets = [x for kv in TINY for x in ("--set", kv)]
+    assert main(["train", "--config", "configs/digits_teacher.yaml", *sets, "--set", "data.root=data/t",
+                 "--set", "optim.max_steps=2", "--output-dir", "made", "--no-progress"]) == 0
+    assert main(["export", "--checkpoint", "made", "--out", "given", "--with-run-files"]) == 0
+    preset = Preset("tiny", "t", Path("data/t"), sets=TINY, results="tiny")
+    rows = run_suite("qskd", preset, only=["lapd_only"], results_dir=tmp_path / "results", teacher=Path("given"))
+    teacher, _, lapd = rows
+    assert teacher["run_dir"] == str(Path("runs/t_teacher_given")) and not Path("runs/t_teacher").exists()
+    assert "teacher=given" in lapd["command"][0]
+    meta = json.loads((tmp_path / "results" / "tiny" / "qskd_meta.json").read_text())
+    assert "--teacher given" in meta["command"]
+    shutil.copytree("given", "other")
+    again = run_suite("qskd", preset, only=[], results_dir=tmp_path / "results", teacher=Path("other"))
+    assert again[2]["teacher"] == "given" and again[0]["run_dir"] == str(Path("runs/t_teacher_other"))
+    from detrkd.bench.accuracy import teachers_note
+
+    assert teachers_note(again) == ""  # one distilled row, one teacher
+    two = teachers_note([*again, {**again[2], "method": "agfd_only", "teacher": "other"}])
+    assert two == " Distilled from two or more teachers: `given` (lapd_only); `other` (agfd_only)."
+    Path("runs/t_lapd_only/eval_val.json").unlink()  # as if interrupted: resuming would mix teachers
+    mtime = Path("runs/t_lapd_only/last.pt").stat().st_mtime
+    with pytest.raises(ValueError, match="runs/t_lapd_only was distilled from teacher given, this suite's is other"):
+        run_suite("qskd", preset, only=["lapd_only"], results_dir=tmp_path / "results", teacher=Path("other"))
+    assert Path("runs/t_lapd_only/last.pt").stat().st_mtime == mtime
+    Path("other/detrkd_export.json").unlink()
+    with pytest.raises(ValueError, match="teacher other: no detrkd_export.json"):
+        run_suite("qskd", preset, only=[], results_dir=tmp_path / "results", teacher=Path("other"))
+
+
+def test_restore_run_takes_only_a_finished_run_of_this_directory_and_torch(tmp_path, monkeypatch):
+    """runs.restore_run: a run directory is rebuilt from raw outputs only when their provenance
+    says they were trained in that directory on this torch and their metrics reach the last epoch;
+    a directory that holds anything is never touched."""
+    from detrkd.bench.runs import ensure_trained, restore_run
+
+    def raw(name: str, out_dir: str, torch_version: str = "2.14.1", epochs_done: int = 2) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "r_config.yaml").write_text("optim: {epochs: 2}\n")
+        (d / "r_metrics.jsonl").write_text("".join(json.dumps({"type": "eval", "epoch": e, "ap": 0.1}) + "\n"
+                                                   for e in range(1, epochs_done + 1)))
+        (d / "r_eval_val.json").write_text('{"ap": 0.1}')
+        (d / "r_provenance.jsonl").write_text(json.dumps(
+            {"torch": torch_version, "argv": ["detrkd", "train", "--set", f"output_dir={out_dir}"]}) + "\n")
+        return d
+
+    run_dir = Path("runs") / "r"
+    monkeypatch.chdir(tmp_path)
+    candidates = [raw("other_dir", "runs/q"), raw("old_torch", "runs/r", "2.13.0"),
+                  raw("unfinished", "runs/r", epochs_done=1)]
+    assert restore_run(run_dir, candidates, "r", "2.14.1") is None and not run_dir.exists()
+    good = raw("good", "runs/r")
+    assert restore_run(run_dir, [*candidates, good], "r", "2.14.1") == good
+    assert (run_dir / "eval_val.json").read_text() == '{"ap": 0.1}' and (run_dir / "restored.json").exists()
+    assert ensure_trained("train", REPO / "configs" / "digits_student.yaml", run_dir, []).startswith("detrkd train")
+    assert not (run_dir / "last.pt").exists()  # finished: reported, not trained again
+    assert restore_run(run_dir, [good], "r", "2.14.1") is None  # it holds a run now
 
 
 def test_a_row_another_process_trains_is_busy_and_waited_for(tmp_path):

@@ -41,8 +41,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..provenance import PROVENANCE_FILE, RUN_FILES, git_sha, hardware, read_commands, read_git_shas
-from .runs import (STATS, RowBusy, detrkd_cmd, ensure_trained, eval_curve, evaluate_run, run, run_config, shown,
-                   train_minutes, wait_until_free)
+from .runs import (RAW_OUTPUTS, STATS, RowBusy, detrkd_cmd, ensure_trained, eval_curve, evaluate_run, restore_run,
+                   run, run_config, shown, train_minutes, wait_until_free)
 
 TEACHER_CONFIG = Path("configs/digits_teacher.yaml")
 STUDENT_CONFIG = Path("configs/digits_student.yaml")
@@ -202,13 +202,20 @@ class Suite:
     seeds: Sequence[int] = (0,)
     threads: int | None = None
     only: Sequence[str] | None = None
+    teacher: Path | None = None  # an exported teacher (--teacher) used instead of the teacher row's run
     commands: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def shipped(self) -> Path | None:
+        """The exported teacher directory the rows distil from, if any: ``--teacher``, else the preset's."""
+        return self.teacher or self.preset.teacher
 
     def command(self) -> str:
         """The ``detrkd bench accuracy`` command line of this suite, as run."""
         parts = [f"detrkd bench accuracy --suite {self.name} --setting {self.setting.name} --preset "
                  f"{self.preset.name} --seeds {' '.join(map(str, self.seeds))}"]
         parts += [f"--threads {self.threads}"] if self.threads else []
+        parts += [f"--teacher {self.teacher}"] if self.teacher else []
         parts += [" ".join(["--only", *self.only])] if self.only is not None else []
         return " ".join(parts)
 
@@ -217,7 +224,8 @@ class Suite:
         suffix = f"_seed{seed}" if seed else ""
         shared = row == "teacher" and not self.setting.teacher_sets  # the committed teacher: one run for all
         prefix = "" if shared else self.setting.prefix
-        return Path("runs") / f"{prefix}{self.preset.prefix}_{legacy.get(row, row)}{suffix}"
+        given = f"_{self.teacher.name}" if row == "teacher" and self.teacher else ""  # never the trained one's
+        return Path("runs") / f"{prefix}{self.preset.prefix}_{legacy.get(row, row)}{given}{suffix}"
 
     def row_seeds(self, row: str) -> Sequence[int]:
         return (0,) if row == "teacher" else self.seeds
@@ -243,17 +251,22 @@ class Suite:
         return sets + ([f"threads={self.threads}"] if self.threads else [])
 
     def teacher_checkpoint(self) -> Path:
-        """The teacher the distilled rows use: the preset's shipped one (relative to the working
-        directory when inside it), or the teacher row's."""
-        if self.preset.teacher is None:
+        """The teacher the distilled rows use: the exported one (``--teacher``, or the preset's
+        shipped one; relative to the working directory when inside it), or the teacher row's."""
+        if self.shipped is None:
             return self.run_dir("teacher") / "last.pt"
-        shipped = self.preset.teacher.resolve()
+        shipped = self.shipped.resolve()
         return shipped.relative_to(Path.cwd()) if shipped.is_relative_to(Path.cwd()) else shipped
 
     def shipped_teacher(self) -> dict[str, Any]:
-        """The teacher row of a preset that ships its teacher: the run files it was trained with
-        (shipped beside its weights) copied to the row's run directory, and its evaluation."""
-        run_dir, asset = self.run_dir("teacher"), self.preset.teacher
+        """The teacher row of an exported teacher (``--teacher`` or the preset's): the run files it
+        was trained with (exported beside its weights) copied to the row's run directory, and its
+        evaluation."""
+        run_dir, asset = self.run_dir("teacher"), self.shipped
+        missing = [name for name in (*RUN_FILES, "detrkd_export.json") if not (asset / name).is_file()]
+        if missing:
+            raise ValueError(f"teacher {asset}: no {', '.join(missing)} (export it with `detrkd export "
+                             f"--checkpoint RUN --out DIR --with-run-files`)")
         run_dir.mkdir(parents=True, exist_ok=True)
         for name in RUN_FILES:  # a shipped teacher: detrkd export --with-run-files
             if not (run_dir / name).exists():
@@ -267,13 +280,47 @@ class Suite:
     def train(self, name: str, seed: int = 0) -> dict[str, Any]:
         """Train (or reuse) and evaluate one row for one seed; its stats (the commands that made
         them go to ``self.commands``)."""
-        if name == "teacher" and self.preset.teacher is not None:
+        if name == "teacher" and self.shipped is not None:
             return self.shipped_teacher()
         row, run_dir = ROWS[name], self.run_dir(name, seed)
+        if row.command == "distill" and not self.finished(name, seed):  # a finished row is reported as it is
+            self.check_teacher(run_dir)
+            if not self.teacher_checkpoint().exists():
+                raise ValueError(f"{run_dir} needs the teacher {self.teacher_checkpoint()}, which is not here "
+                                 f"(a teacher row restored from its raw outputs keeps no checkpoint): give an "
+                                 f"exported teacher with --teacher DIR, or move {self.run_dir('teacher')} away "
+                                 f"to train it again")
         command = ensure_trained(row.command, row.config, run_dir, self.sets(name, seed))
         stats, eval_command = evaluate_run(run_dir, self.preset.data)
         self.commands.setdefault(name, []).extend([*(read_commands(run_dir) or [command]), eval_command])
         return stats
+
+    def check_teacher(self, run_dir: Path) -> None:
+        """``ValueError`` if ``run_dir`` holds a run distilled from another teacher than this suite's:
+        resuming it would mix two teachers in one row. (A finished row is reported with its own
+        teacher, which its result row names; ``teachers_note`` flags a table with two.)"""
+        if not (run_dir / "config.yaml").exists():
+            return
+        had, wanted = run_config(run_dir).get("teacher"), str(self.teacher_checkpoint())
+        if had != wanted:
+            raise ValueError(f"{run_dir} was distilled from teacher {had}, this suite's is {wanted}: move that "
+                             f"run directory away, or run the suite with the teacher it was distilled from")
+
+    def restore(self, name: str, seed: int = 0) -> None:
+        """Rebuild a finished row's run directory from the raw outputs committed beside the result
+        tables of this setting and preset (``runs.restore_run``), when ``runs/`` does not have it:
+        a fresh machine reports, and distils next to, the rows an earlier one trained."""
+        if name == "teacher" and self.shipped is not None:
+            return
+        results = self.out.parent
+        raw_dirs = [self.out.parent / self.out.stem, *sorted(p for p in results.glob("*") if p.is_dir())]
+        import torch
+
+        tag = name + (f"_seed{seed}" if seed else "")
+        source = restore_run(self.run_dir(name, seed), raw_dirs, tag, torch.__version__)
+        if source is not None:
+            print(f"+ {self.run_dir(name, seed)}: restored from {source}/{tag}_* (finished; no checkpoint)",
+                  flush=True)
 
     def finished(self, name: str, seed: int = 0) -> bool:
         return (self.run_dir(name, seed) / "eval_val.json").exists()
@@ -300,7 +347,7 @@ def result_row(name: str, run_dirs: dict[int, Path], per_seed: dict[int, dict[st
             "per_seed": {str(k): {"ap": round(v["ap"], 4), "run_dir": str(run_dirs[k])}
                          for k, v in sorted(per_seed.items())},
             "train_minutes": round(train_minutes(first), 1), "threads": config.get("threads"),
-            "methods": config.get("methods"), "run_dir": str(first),
+            "methods": config.get("methods"), "teacher": config.get("teacher"), "run_dir": str(first),
             "trained_at_git": sorted({sha for d in run_dirs.values() for sha in read_git_shas(d)}) or None,
             "eval_curve": eval_curve(first), "command": commands}
 
@@ -308,13 +355,14 @@ def result_row(name: str, run_dirs: dict[int, Path], per_seed: dict[int, dict[st
 def run_suite(name: str, preset: str | Preset = "cpu", only: Sequence[str] | None = None,
               out: Path | None = None, results_dir: Path = Path("benchmarks/results"),
               setting: str | Setting = "compressed", seeds: Sequence[int] = (0,),
-              threads: int | None = None) -> list[dict[str, Any]]:
+              threads: int | None = None, teacher: Path | None = None) -> list[dict[str, Any]]:
     """Run (or reuse) the teacher, the no-KD student and the suite's rows under one setting, for
     every seed; write the result file (``<suite>.json``, or ``accuracy.json`` for ``all``, under
     the setting's sub-directory), ``*_meta.json``, a markdown table and a PNG plot next to it;
     returns the rows. ``only``: a subset of the suite's rows to run now (rows and seeds already
     finished are reported too); ``threads``: torch threads of the runs started now (default: the
-    configs'; results repeat bit-for-bit for a fixed thread count)."""
+    configs'; results repeat bit-for-bit for a fixed thread count); ``teacher``: an exported teacher
+    (``detrkd export --with-run-files``) every row distils from instead of training the teacher row."""
     rows = list(SUITES[name])
     unknown = sorted(set(only or ()) - set(rows))
     if unknown:
@@ -323,13 +371,14 @@ def run_suite(name: str, preset: str | Preset = "cpu", only: Sequence[str] | Non
     check_setting(name, setting)
     preset = PRESETS[preset] if isinstance(preset, str) else preset
     out = out or results_dir / setting.results / preset.results / RESULT_FILES.get(name, f"{name}.json")
-    suite = Suite(name, preset, rows, out, setting, tuple(sorted(set(seeds))), threads, only)
+    suite = Suite(name, preset, rows, out, setting, tuple(sorted(set(seeds))), threads, only, teacher)
     data_command = suite.ensure_data()
     stats: dict[str, dict[int, dict[str, Any]]] = {}
     busy: list[tuple[str, int]] = []  # rows another process is training: done after the others
     for row in ("teacher", "no_kd", *rows):
         wanted = row in ("teacher", "no_kd") or only is None or row in only
         for seed in suite.row_seeds(row):
+            suite.restore(row, seed)
             if not (wanted or suite.finished(row, seed)):
                 continue
             if row == "teacher":  # every distilled row needs it finished
@@ -352,12 +401,9 @@ def run_suite(name: str, preset: str | Preset = "cpu", only: Sequence[str] | Non
     return results
 
 
-RAW_FILES = ("config.yaml", "metrics.jsonl", "eval_val.json")
-
-
 def write_results(results: list[dict[str, Any]], suite: Suite) -> None:
     """The result file, its ``_meta.json``, markdown table and PNG plot, and every row's raw
-    outputs (``RAW_FILES``) copied to ``<result dir>/<suite>/<row>_<file>``: the evidence stays
+    outputs (``RAW_OUTPUTS``) copied to ``<result dir>/<suite>/<row>_<file>``: the evidence stays
     with the table when ``runs/`` is gone."""
     import torch
 
@@ -370,7 +416,7 @@ def write_results(results: list[dict[str, Any]], suite: Suite) -> None:
             run_dir = Path(entry["run_dir"])
             optional = [PROVENANCE_FILE] if (run_dir / PROVENANCE_FILE).exists() else []  # not in older runs
             tag = row["method"] + (f"_seed{seed}" if seed != "0" else "")
-            for name in [*RAW_FILES, *optional]:
+            for name in [*RAW_OUTPUTS, *optional]:
                 shutil.copyfile(run_dir / name, raw / f"{tag}_{name}")
     out.write_text(json.dumps(results, indent=2) + "\n")
     preset = suite.preset.name
@@ -383,8 +429,21 @@ def write_results(results: list[dict[str, Any]], suite: Suite) -> None:
               f"torch {meta['torch']}, "
               f"git {meta['git_sha']}. Val split, COCO AP; `gap closed` = (AP - no-KD AP) / (teacher AP - "
               f"no-KD AP). Each row's commands: `{out.name}`; raw outputs: `{raw.name}/`.")
-    out.with_suffix(".md").write_text(markdown(results) + footer + "\n")
+    out.with_suffix(".md").write_text(markdown(results) + footer + teachers_note(results) + "\n")
     plot(results, out.with_suffix(".png"), title=f"{suite.name} ({setting} setting, {preset}, {suite.preset.data})")
+
+
+def teachers_note(rows: list[dict[str, Any]]) -> str:
+    """A line naming the teacher of each distilled row when they are not all the same one ("" if
+    they are): a table whose rows were distilled from two teachers says so."""
+    by_teacher: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("teacher"):
+            by_teacher.setdefault(str(r["teacher"]), []).append(r["method"])
+    if len(by_teacher) < 2:
+        return ""
+    return " Distilled from two or more teachers: " + "; ".join(
+        f"`{t}` ({', '.join(names)})" for t, names in by_teacher.items()) + "."
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:

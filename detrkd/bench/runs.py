@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -17,7 +18,10 @@ from typing import Any, Sequence
 
 import yaml
 
+from ..provenance import PROVENANCE_FILE
+
 STATS = ("ap", "ap50", "ap75", "aps", "apm", "apl")
+RAW_OUTPUTS = ("config.yaml", "metrics.jsonl", "eval_val.json")  # what a result table keeps of each run
 
 
 def run(cmd: Sequence[str], cwd: Path | None = None) -> None:
@@ -72,7 +76,7 @@ def ensure_trained(command: str, config: Path, run_dir: Path, sets: Sequence[str
     if is_busy(run_dir):
         raise RowBusy(str(run_dir))
     resume = (run_dir / "last.pt").exists()
-    if resume and run_finished(run_dir):
+    if (resume or (run_dir / RESTORED_FILE).exists()) and run_finished(run_dir):
         return shown(args)
     try:
         run(detrkd_cmd(*args, "--no-progress", *(["--resume"] if resume else [])))
@@ -81,6 +85,53 @@ def ensure_trained(command: str, config: Path, run_dir: Path, sets: Sequence[str
             raise RowBusy(str(run_dir)) from None
         raise
     return shown(args)
+
+
+RESTORED_FILE = "restored.json"  # in a run directory rebuilt from committed raw outputs (no checkpoint)
+
+
+def trained_in(records: Sequence[dict[str, Any]]) -> set[str]:
+    """The output directories the provenance ``records`` of a run were trained in (``--set
+    output_dir=DIR`` / ``--output-dir DIR`` of each start and resume)."""
+    dirs = set()
+    for record in records:
+        argv = record.get("argv", [])
+        for i, arg in enumerate(argv):
+            if arg.startswith("output_dir="):
+                dirs.add(arg.split("=", 1)[1])
+            elif arg == "--output-dir" and i + 1 < len(argv):
+                dirs.add(argv[i + 1])
+    return dirs
+
+
+def restore_run(run_dir: Path, raw_dirs: Sequence[Path], tag: str, torch_version: str) -> Path | None:
+    """Rebuild a finished run's directory from its raw outputs (``<raw dir>/<tag>_<file>``, as the
+    result tables keep them) when ``run_dir`` holds no run: only from a run trained in this very
+    directory on this torch (its provenance says so), and only finished. The directory gets the run
+    files and its evaluation, no checkpoint, and ``restored.json`` saying where they came from.
+    Returns the raw directory used, or None (nothing written)."""
+    if (run_dir / "config.yaml").exists() or (run_dir / "last.pt").exists():
+        return None
+    for raw in raw_dirs:
+        files = {name: raw / f"{tag}_{name}" for name in (*RAW_OUTPUTS, PROVENANCE_FILE)}
+        if not all(f.is_file() for f in files.values()):
+            continue
+        records = [json.loads(line) for line in files[PROVENANCE_FILE].read_text().splitlines() if line.strip()]
+        if trained_in(records) != {str(run_dir)} or {r.get("torch") for r in records} != {torch_version}:
+            continue
+        epochs = yaml.safe_load(files["config.yaml"].read_text())["optim"]["epochs"]
+        metrics = [json.loads(line) for line in files["metrics.jsonl"].read_text().splitlines() if line.strip()]
+        if not any(r.get("type") == "eval" and r.get("epoch") == epochs for r in metrics):
+            continue
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for name, src in files.items():
+            shutil.copyfile(src, run_dir / name)
+        (run_dir / RESTORED_FILE).write_text(json.dumps(
+            {"from": str(raw), "files": sorted(str(f) for f in files.values()),
+             "note": "rebuilt from the committed raw outputs of a finished run; its checkpoint was not kept"},
+            indent=2) + "\n")
+        return raw
+    return None
 
 
 def evaluate_run(run_dir: Path, data: Path, checkpoint: Path | None = None) -> tuple[dict[str, Any], str]:
