@@ -197,8 +197,10 @@ def test_a_given_teacher_replaces_the_teacher_row_and_rows_never_mix_teachers(tm
         run_suite("qskd", preset, only=["lapd_only"], results_dir=tmp_path / "results", teacher=Path("other"))
     assert Path("runs/t_lapd_only/last.pt").stat().st_mtime == mtime
     Path("other/detrkd_export.json").unlink()
+    shutil.rmtree("data")
     with pytest.raises(ValueError, match="teacher other: no detrkd_export.json"):
         run_suite("qskd", preset, only=[], results_dir=tmp_path / "results", teacher=Path("other"))
+    assert not Path("data").exists()  # refused before anything is made
 
 
 def test_restore_run_takes_only_a_finished_run_of_this_directory_and_torch(tmp_path, monkeypatch):

@@ -25,3 +25,20 @@ def test_benchmark_script_imports(script, monkeypatch):
     spec.loader.exec_module(module)
     assert callable(getattr(module, "main", None)), f"{script.name} has no main()"
     sys.modules.pop(spec.name, None)
+
+
+def test_grad_share_is_the_summed_step_along_the_detection_gradient(monkeypatch):
+    """benchmarks/grad_share.py: norms and cosines of each term's gradient, and the det share of
+    the summed step (cos of the sum with the detection gradient), on gradients known by hand."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from grad_share import batch_shares
+
+    p = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+    shares = batch_shares({"det/loss": 3 * p[0], "kd/l1": 4 * p[1], "kd/against": -0.5 * p[0]}, [p])
+    assert shares["det/loss"] == pytest.approx((3.0, 1.0))
+    assert shares["kd/l1"] == pytest.approx((4.0, 0.0))  # orthogonal to the detection gradient
+    assert shares["kd/against"] == pytest.approx((0.5, -1.0))
+    assert shares["total"] == pytest.approx(((2.5 ** 2 + 16) ** 0.5, 2.5 / (2.5 ** 2 + 16) ** 0.5))
+    sys.modules.pop("grad_share", None)

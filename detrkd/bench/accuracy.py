@@ -263,10 +263,7 @@ class Suite:
         was trained with (exported beside its weights) copied to the row's run directory, and its
         evaluation."""
         run_dir, asset = self.run_dir("teacher"), self.shipped
-        missing = [name for name in (*RUN_FILES, "detrkd_export.json") if not (asset / name).is_file()]
-        if missing:
-            raise ValueError(f"teacher {asset}: no {', '.join(missing)} (export it with `detrkd export "
-                             f"--checkpoint RUN --out DIR --with-run-files`)")
+        check_exported_teacher(asset)
         run_dir.mkdir(parents=True, exist_ok=True)
         for name in RUN_FILES:  # a shipped teacher: detrkd export --with-run-files
             if not (run_dir / name).exists():
@@ -312,8 +309,8 @@ class Suite:
         a fresh machine reports, and distils next to, the rows an earlier one trained."""
         if name == "teacher" and self.shipped is not None:
             return
-        results = self.out.parent
-        raw_dirs = [self.out.parent / self.out.stem, *sorted(p for p in results.glob("*") if p.is_dir())]
+        results = self.out.parent  # the suite's own raw outputs first, then every other table's there
+        raw_dirs = [results / self.out.stem, results, *sorted(p for p in results.glob("*") if p.is_dir())]
         import torch
 
         tag = name + (f"_seed{seed}" if seed else "")
@@ -324,6 +321,15 @@ class Suite:
 
     def finished(self, name: str, seed: int = 0) -> bool:
         return (self.run_dir(name, seed) / "eval_val.json").exists()
+
+
+def check_exported_teacher(path: Path) -> None:
+    """``ValueError`` unless ``path`` is a ``detrkd export --with-run-files`` directory: its weights'
+    export record and the run files it was trained with (what the teacher row reports)."""
+    missing = [name for name in (*RUN_FILES, "detrkd_export.json") if not (path / name).is_file()]
+    if missing:
+        raise ValueError(f"teacher {path}: no {', '.join(missing)} (export it with `detrkd export "
+                         f"--checkpoint RUN --out DIR --with-run-files`)")
 
 
 def mean_stats(per_seed: dict[int, dict[str, Any]]) -> dict[str, float]:
@@ -370,6 +376,8 @@ def run_suite(name: str, preset: str | Preset = "cpu", only: Sequence[str] | Non
     setting = SETTINGS[setting] if isinstance(setting, str) else setting
     check_setting(name, setting)
     preset = PRESETS[preset] if isinstance(preset, str) else preset
+    if teacher is not None:
+        check_exported_teacher(teacher)
     out = out or results_dir / setting.results / preset.results / RESULT_FILES.get(name, f"{name}.json")
     suite = Suite(name, preset, rows, out, setting, tuple(sorted(set(seeds))), threads, only, teacher)
     data_command = suite.ensure_data()
