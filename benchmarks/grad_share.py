@@ -61,7 +61,7 @@ def main() -> None:
         if args.checkpoint:
             trainer.resume_from(Path(args.checkpoint))
             step = trainer.pos.global_step
-        trainer._train_mode()
+        trainer.train_mode()  # as a training step sees them (frozen BatchNorm stays frozen)
         params = [p for g in trainer.optimizer.param_groups for p in g["params"] if p.requires_grad]
         loader = DataLoader(trainer.dataset, batch_size=config.data.batch_size, shuffle=True, collate_fn=collate,
                             generator=torch.Generator().manual_seed(0))

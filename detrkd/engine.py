@@ -398,7 +398,7 @@ class Trainer:
             self.prepare_run_dir(resume, changes)  # only once the resume is known to be valid
             if not resume:  # resumable from the first moment, and a state from before any divergence
                 self.save(LAST)
-            self._train_mode()
+            self.train_mode()
             with self._signals_stop():
                 return self._fit()
 
@@ -537,7 +537,7 @@ class Trainer:
     def _trained_modules(self) -> list[nn.Module]:
         return [self.model, *self.extra_modules.values()]
 
-    def _train_mode(self) -> None:
+    def train_mode(self) -> None:
         """Trained modules to train mode; BatchNorm layers stay in eval mode with ``batch_norm: frozen``."""
         for module in self._trained_modules():
             module.train()
@@ -789,7 +789,7 @@ class Trainer:
             try:
                 stats = self.evaluate_fn(self.model)
             finally:
-                self._train_mode()
+                self.train_mode()
         self.last_eval = {k: float(v) for k, v in stats.items() if isinstance(v, (int, float))}
         if self.world.is_main:
             append_metrics(self.metrics_path, {"type": "eval", "step": self.pos.global_step,

@@ -203,6 +203,7 @@ class Suite:
     threads: int | None = None
     only: Sequence[str] | None = None
     teacher: Path | None = None  # an exported teacher (--teacher) used instead of the teacher row's run
+    results: Path | None = None  # the setting's result directory, when ``out`` is elsewhere (--out)
     commands: dict[str, list[str]] = field(default_factory=dict)
 
     @property
@@ -305,12 +306,13 @@ class Suite:
 
     def restore(self, name: str, seed: int = 0) -> None:
         """Rebuild a finished row's run directory from the raw outputs committed beside the result
-        tables of this setting and preset (``runs.restore_run``), when ``runs/`` does not have it:
-        a fresh machine reports, and distils next to, the rows an earlier one trained."""
+        tables of this setting and preset, and beside ``out`` (``runs.restore_run``), when ``runs/``
+        does not have it: a fresh machine reports, and distils next to, the rows an earlier one trained."""
         if name == "teacher" and self.shipped is not None:
             return
-        results = self.out.parent  # the suite's own raw outputs first, then every other table's there
-        raw_dirs = [results / self.out.stem, results, *sorted(p for p in results.glob("*") if p.is_dir())]
+        raw_dirs = [self.out.parent / self.out.stem]  # the suite's own raw outputs first, then every table's
+        for results in dict.fromkeys([self.out.parent, self.results or self.out.parent]):
+            raw_dirs += [results, *sorted(p for p in results.glob("*") if p.is_dir())]
         import torch
 
         tag = name + (f"_seed{seed}" if seed else "")
@@ -378,8 +380,9 @@ def run_suite(name: str, preset: str | Preset = "cpu", only: Sequence[str] | Non
     preset = PRESETS[preset] if isinstance(preset, str) else preset
     if teacher is not None:
         check_exported_teacher(teacher)
-    out = out or results_dir / setting.results / preset.results / RESULT_FILES.get(name, f"{name}.json")
-    suite = Suite(name, preset, rows, out, setting, tuple(sorted(set(seeds))), threads, only, teacher)
+    results = results_dir / setting.results / preset.results
+    out = out or results / RESULT_FILES.get(name, f"{name}.json")
+    suite = Suite(name, preset, rows, out, setting, tuple(sorted(set(seeds))), threads, only, teacher, results)
     data_command = suite.ensure_data()
     stats: dict[str, dict[int, dict[str, Any]]] = {}
     busy: list[tuple[str, int]] = []  # rows another process is training: done after the others
