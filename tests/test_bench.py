@@ -137,9 +137,9 @@ def test_accuracy_suite_end_to_end(tmp_path, monkeypatch):
     assert not (tmp_path / "runs/t_agfd_only").exists()
 
 
-def test_a_preset_with_a_shipped_teacher_evaluates_it_and_distils_from_it(tmp_path, monkeypatch):
-    """Preset.teacher: no teacher is trained; the shipped directory (a detrkd export plus the run
-    files it was trained with) is evaluated and is the distilled rows' teacher."""
+def exported_teacher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """In ``tmp_path`` (the working directory from now on): tiny digits data in ``data/t``, a
+    2-step teacher run ``made`` and its ``detrkd export --with-run-files`` in ``name``."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "configs").symlink_to(REPO / "configs")
     assert main(["data", "digits", "--out", "data/t", "--train-images", "8", "--val-images", "4",
@@ -147,7 +147,13 @@ def test_a_preset_with_a_shipped_teacher_evaluates_it_and_distils_from_it(tmp_pa
     sets = [x for kv in TINY for x in ("--set", kv)]
     assert main(["train", "--config", "configs/digits_teacher.yaml", *sets, "--set", "data.root=data/t",
                  "--set", "optim.max_steps=2", "--output-dir", "made", "--no-progress"]) == 0
-    assert main(["export", "--checkpoint", "made", "--out", "shipped", "--with-run-files"]) == 0
+    assert main(["export", "--checkpoint", "made", "--out", name, "--with-run-files"]) == 0
+
+
+def test_a_preset_with_a_shipped_teacher_evaluates_it_and_distils_from_it(tmp_path, monkeypatch):
+    """Preset.teacher: no teacher is trained; the shipped directory (a detrkd export plus the run
+    files it was trained with) is evaluated and is the distilled rows' teacher."""
+    exported_teacher(tmp_path, monkeypatch, "shipped")
     preset = Preset("tiny", "t", Path("data/t"), sets=TINY, teacher=tmp_path / "shipped", results="tiny")
     rows = run_suite("qskd", preset, only=["lapd_only"], results_dir=tmp_path / "results")
     teacher, _, lapd = rows
@@ -168,14 +174,7 @@ def test_a_given_teacher_replaces_the_teacher_row_and_rows_never_mix_teachers(tm
     teacher row's) and distilled from; a row distilled from one teacher is refused under another."""
     import shutil
 
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "configs").symlink_to(REPO / "configs")
-    assert main(["data", "digits", "--out", "data/t", "--train-images", "8", "--val-images", "4",
-                 "--image-size", "64"]) == 0
-    sets = [x for kv in TINY for x in ("--set", kv)]
-    assert main(["train", "--config", "configs/digits_teacher.yaml", *sets, "--set", "data.root=data/t",
-                 "--set", "optim.max_steps=2", "--output-dir", "made", "--no-progress"]) == 0
-    assert main(["export", "--checkpoint", "made", "--out", "given", "--with-run-files"]) == 0
+    exported_teacher(tmp_path, monkeypatch, "given")
     preset = Preset("tiny", "t", Path("data/t"), sets=TINY, results="tiny")
     rows = run_suite("qskd", preset, only=["lapd_only"], results_dir=tmp_path / "results", teacher=Path("given"))
     teacher, _, lapd = rows

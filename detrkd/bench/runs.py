@@ -116,12 +116,10 @@ def restore_run(run_dir: Path, raw_dirs: Sequence[Path], tag: str, torch_version
         files = {name: raw / f"{tag}_{name}" for name in (*RAW_OUTPUTS, PROVENANCE_FILE)}
         if not all(f.is_file() for f in files.values()):
             continue
-        records = [json.loads(line) for line in files[PROVENANCE_FILE].read_text().splitlines() if line.strip()]
+        records = read_jsonl(files[PROVENANCE_FILE])
         if trained_in(records) != {str(run_dir)} or {r.get("torch") for r in records} != {torch_version}:
             continue
-        epochs = yaml.safe_load(files["config.yaml"].read_text())["optim"]["epochs"]
-        metrics = [json.loads(line) for line in files["metrics.jsonl"].read_text().splitlines() if line.strip()]
-        if not any(r.get("type") == "eval" and r.get("epoch") == epochs for r in metrics):
+        if not reaches_last_epoch(yaml.safe_load(files["config.yaml"].read_text()), read_jsonl(files["metrics.jsonl"])):
             continue
         run_dir.mkdir(parents=True, exist_ok=True)
         for name, src in files.items():
@@ -151,15 +149,24 @@ def run_config(run_dir: Path) -> dict[str, Any]:
 
 def run_finished(run_dir: Path) -> bool:
     """True if ``metrics.jsonl`` holds the evaluation of the final epoch."""
-    epochs = run_config(run_dir)["optim"]["epochs"]
-    return any(r.get("type") == "eval" and r.get("epoch") == epochs for r in read_metrics(run_dir))
+    return reaches_last_epoch(run_config(run_dir), read_metrics(run_dir))
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
+def reaches_last_epoch(config: dict[str, Any], metrics: Sequence[dict[str, Any]]) -> bool:
+    """True if the ``metrics`` records hold the evaluation of the ``config``'s final epoch."""
+    epochs = config["optim"]["epochs"]
+    return any(r.get("type") == "eval" and r.get("epoch") == epochs for r in metrics)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file ([] when it does not exist)."""
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return read_jsonl(run_dir / "metrics.jsonl")
 
 
 def eval_curve(run_dir: Path) -> list[list[float]]:
